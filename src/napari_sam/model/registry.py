@@ -501,15 +501,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:
+            raise CheckpointError(_corrupt_message(path)) from e
         raise CheckpointError(
-            f"{path} holds Python objects besides weights, which are not loaded for safety "
-            f"({str(e).splitlines()[0]}). Save only the model's state_dict and try again."
+            f"{path} holds Python objects besides weights (e.g. {found.group(1)}), which "
+            "are not loaded for safety. Save only the model's state_dict and try again."
         ) from e
     except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {e}"
-        ) from e
+        raise CheckpointError(f"{_corrupt_message(path)} ({e})") from e
     return extract_sam_state_dict(obj, origin=str(path))
+
+
+def _corrupt_message(path: Path) -> str:
+    return (
+        f"{path} is not a readable PyTorch checkpoint: the file is truncated, corrupt or in "
+        "another format. Download it again (a registry name is re-verified by "
+        "`napari-sam download NAME`)"
+    )
 
 
 def load_model(
@@ -523,8 +532,8 @@ def load_model(
     is detected from the state_dict keys. ``device="auto"`` picks cuda > mps > cpu.
     """
     from napari_sam.devices import select_device
-    from napari_sam.model.build import build_sam, detect_model_type
 
+    target = select_device(device)  # a bad device fails before any download
     if name_or_path is None:
         name_or_path = _default_checkpoint()
         if name_or_path is None:
@@ -534,9 +543,12 @@ def load_model(
             )
     path = resolve_checkpoint(name_or_path, progress=progress)
     state = load_checkpoint(path)
+
+    from napari_sam.model.build import build_sam, detect_model_type
+
     try:
         model_type = detect_model_type(state)
         model = build_sam(model_type, checkpoint=state)
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} does not match any known SAM architecture: {e}") from e
-    return model.to(select_device(device)).eval()
+    return model.to(target).eval()
