@@ -5,6 +5,7 @@ Each route serves bytes in one of these modes:
   "norange"  ignores Range and always answers 200 with the whole file
   "corrupt"  like "range" but every byte is flipped
   ("cut", n) announces the full length but sends only ``n`` bytes, then hangs up
+  ("redirect", path)  answers 302 to another route (data is ignored)
 Every request is logged as a dict: path, range (header or None), status, sent (bytes).
 """
 
@@ -50,6 +51,13 @@ class FileServer:
             h.send_error(404)
             return
         data, mode = self.routes[h.path]
+        if isinstance(mode, tuple) and mode[0] == "redirect":
+            entry["status"] = 302
+            h.send_response(302)
+            h.send_header("Location", self.url(mode[1]))
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
         if mode == "corrupt":
             data = bytes(b ^ 0xFF for b in data)
         start = 0

@@ -154,6 +154,18 @@ def test_interrupted_transfer_resumes_with_a_range_request(server, tmp_path):
     assert progress.calls[-1] == (len(DATA), len(DATA))
 
 
+def test_resume_follows_redirects_with_the_range_header(server, tmp_path):
+    server.add("/real.pth", DATA)
+    url = server.add("/latest.pth", b"", mode=("redirect", "/real.pth"))
+    (tmp_path / "tiny.pth.part").write_bytes(DATA[:1000])
+    assert download(entry(url), cache=tmp_path).read_bytes() == DATA
+    assert [(e["path"], e["status"]) for e in server.log] == [
+        ("/latest.pth", 302),
+        ("/real.pth", 206),
+    ]
+    assert server.log[-1]["range"] == "bytes=1000-"
+
+
 def test_server_that_ignores_range_restarts_from_scratch(server, tmp_path):
     (tmp_path / "tiny.pth.part").write_bytes(b"stale bytes that must not survive")
     path = download(entry(server.add("/w.pth", DATA, mode="norange")), cache=tmp_path)

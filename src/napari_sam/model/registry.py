@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import os
 import re
+import ssl
 import urllib.error
 import urllib.request
 import warnings
@@ -34,6 +35,13 @@ ENV_CACHE = "NAPARI_SAM_CACHE"
 Progress = Callable[[int, int], Any]  # (done_bytes, total_bytes); total is 0 when unknown
 
 _CHUNK = 1 << 20
+_NETWORK_ERRORS = (
+    urllib.error.URLError,
+    ConnectionError,
+    TimeoutError,
+    ssl.SSLError,
+    http.client.HTTPException,
+)
 _SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 
 
@@ -273,7 +281,7 @@ def download(
     part = dest.with_name(dest.name + ".part")
     try:
         _fetch(info, part, progress)
-    except (OSError, http.client.HTTPException) as e:
+    except _NETWORK_ERRORS as e:  # disk errors (e.g. no space left) pass through as is
         raise DownloadError(_offline_message(info, dest, e)) from e
     _verify(info, part, delete_on_mismatch=True)
     os.replace(part, dest)
@@ -297,6 +305,7 @@ def _fetch(info: ModelInfo, part: Path, progress: Progress | None) -> None:
     except urllib.error.HTTPError as e:
         if e.code != 416 or not offset:
             raise
+        e.close()
         part.unlink()  # our partial file does not fit the server's file: start over
         return _fetch(info, part, progress)
     with response:
