@@ -137,9 +137,15 @@ def build():
     return pytest.importorskip("napari_sam.model.build")
 
 
-def test_load_model_from_a_micro_sam_style_file(build, tmp_path):
+@pytest.fixture(scope="module")
+def small_type(build):
+    """A small TinyViT config from build.CONFIGS if there is one (fast), else vit_t."""
+    return "test_tiny_vit" if "test_tiny_vit" in getattr(build, "CONFIGS", {}) else "vit_t"
+
+
+def test_load_model_from_a_micro_sam_style_file(build, small_type, tmp_path):
     torch.manual_seed(0)
-    reference = build.build_sam("vit_t")
+    reference = build.build_sam(small_type)
     state = reference.state_dict()
     torch.save(
         {"model_state": {"sam." + k: v for k, v in state.items()}, "decoder_state": {}},
@@ -150,9 +156,9 @@ def test_load_model_from_a_micro_sam_style_file(build, tmp_path):
     assert same(model.state_dict(), state)
 
 
-def test_load_model_by_registry_name_downloads_once(build, tmp_path, monkeypatch):
+def test_load_model_by_registry_name_downloads_once(build, small_type, tmp_path, monkeypatch):
     torch.manual_seed(1)
-    state = build.build_sam("vit_t").state_dict()
+    state = build.build_sam(small_type).state_dict()
     torch.save(state, tmp_path / "src.pt")
     data = (tmp_path / "src.pt").read_bytes()
     monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path / "cache"))
