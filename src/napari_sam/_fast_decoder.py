@@ -182,9 +182,9 @@ def _upscale_and_mask(up: nn.Sequential, keys: Tensor, hyper: Tensor, h: int, w:
     w2 = c2.weight.permute(0, 2, 3, 1).reshape(c2.in_channels, -1)  # C' x (2*2*C'')
     z = up[4](torch.addmm(c2.bias.repeat(4), y, w2))  # (B*h*w*2*2) x (2*2*C'')
     z = z.view(b, -1, c2.out_channels)  # B x (h*w*2*2*2*2) x C''
-    m = torch.bmm(z, hyper.transpose(1, 2))  # B x (h w di dj ei ej) x M
-    m = m.view(b, h, w, 2, 2, 2, 2, -1)  # b i j di dj ei ej M ; row 4i+2di+ei, col 4j+2dj+ej
-    return m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, -1, 4 * h, 4 * w)
+    m = torch.bmm(hyper, z.transpose(1, 2))  # B x M x (h w di dj ei ej)
+    m = m.view(b, -1, h, w, 2, 2, 2, 2)  # b M i j di dj ei ej; row 4i+2di+ei, col 4j+2dj+ej
+    return m.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, -1, 4 * h, 4 * w)
 
 
 def _attention_is_cheaper(mask_decoder: nn.Module, num_tokens: int) -> bool:
