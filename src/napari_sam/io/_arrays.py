@@ -69,8 +69,8 @@ def check_vector(
         )
     if not all(math.isfinite(v) for v in out):
         raise ValueError(f"{name} values must be finite numbers, got {out!r}")
-    if name == "scale" and any(v <= 0 for v in out):
-        raise ValueError(f"scale values must be > 0 (pixel sizes), got {out!r}")
+    if name.endswith("scale") and any(v <= 0 for v in out):
+        raise ValueError(f"{name} values must be > 0 (pixel sizes), got {out!r}")
     return out
 
 

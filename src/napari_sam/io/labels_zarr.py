@@ -103,6 +103,7 @@ class _Prepared:
     max_bytes: int = A.DEFAULT_REGION_BYTES
     colors: dict[int, tuple[int, int, int, int]] | None = None
     validated: bool = False  # True after a stats pass checked every value
+    color_fn: Any = None  # colors given as a function of the ids found
     written_ids: set[int] | None = field(default_factory=set)
 
 
@@ -125,6 +126,7 @@ def _prepare(
     scale, translate = layer_geometry(ndim, scale, translate)
     n_space = sum(AXIS_TYPES[a] == "space" for a in axes)
     chunks = A.check_chunks(chunks, labels.shape, n_space)
+    color_fn = colors if callable(colors) else None
     prep = _Prepared(
         data=labels,
         name=check_name(name),
@@ -135,15 +137,16 @@ def _prepare(
         dtype=None,
         chunks=chunks,
         max_bytes=max_bytes,
-        colors=check_colors(colors),
+        colors=None if color_fn else check_colors(colors),
     )
     if dtype is None:
-        stats = A.label_stats(labels, chunks, collect_ids=colors is None, max_bytes=max_bytes)
+        stats = A.label_stats(labels, chunks, collect_ids=prep.colors is None, max_bytes=max_bytes)
         prep.dtype = stats.dtype
         prep.ids = stats.ids
         prep.validated = True
     else:
         prep.dtype = A.check_dtype_fits(dtype, 0)
+    prep.color_fn = color_fn
     return prep
 
 
@@ -278,7 +281,9 @@ def _write_image_label_group(
     colors = prep.colors
     if colors is None:
         ids = prep.ids if prep.validated else prep.written_ids
-        colors = A.auto_colors(sorted(ids)) if ids is not None else None
+        if ids is not None:
+            fn = prep.color_fn or A.auto_colors
+            colors = check_colors(fn(sorted(ids)))
     image_label: dict[str, Any] = {"version": NGFF_VERSION}
     if colors is not None:
         image_label["colors"] = [
@@ -370,6 +375,8 @@ def write_ome_zarr_labels(
     image: Any = None,
     image_name: str = "image",
     rgb: bool | None = None,
+    image_scale: Sequence[float] | None = None,
+    image_translate: Sequence[float] | None = None,
     scale: Sequence[float] | None = None,
     translate: Sequence[float] | None = None,
     axes: str | Sequence[str] | None = None,
@@ -390,10 +397,13 @@ def write_ome_zarr_labels(
         ``tzyx``, ``tczyx``); non-negative whole numbers (integral floats accepted).
     image : optional array with the labels' shape (or with a channel axis, or RGB last when
         ``rgb``); written as the parent image group. RGB ``(..., 3)`` is stored channel-first.
+    image_scale, image_translate : the image's geometry (per labels axis); default the
+        labels' ``scale`` / ``translate``.
     scale, translate : per axis, napari layer ``scale`` / ``translate`` (world =
         index * scale + translate); written as the level-0 coordinateTransformations.
     units : one unit per axis or one string for the space axes (``"um"`` -> ``micrometer``).
-    colors : ``{id: (r, g, b, a)}``; default: a deterministic colour per id present.
+    colors : ``{id: (r, g, b, a)}`` (ints 0-255 or floats 0-1), or a function of the sorted
+        list of ids present returning such a dict; default: a deterministic colour per id.
     dtype : storage dtype; default the smallest of uint8/16/32/64 holding the largest id.
     levels : number of resolution levels (1 = no pyramid).
     session : optional :class:`~napari_sam.io.session.SessionRecord`, saved as
@@ -459,8 +469,26 @@ def write_ome_zarr_labels(
             from zarr.storage import LocalStore
 
             root = zarr.create_group(store=LocalStore(tmp), zarr_format=3)
-            iscale = tuple(_expand(prep.scale, prep.axes, img_axes, 1.0))
-            itrans = tuple(_expand(prep.translate, prep.axes, img_axes, 0.0))
+            iscale = tuple(
+                _expand(
+                    A.check_vector(image_scale, len(prep.axes), "image_scale", 1.0)
+                    if image_scale is not None
+                    else prep.scale,
+                    prep.axes,
+                    img_axes,
+                    1.0,
+                )
+            )
+            itrans = tuple(
+                _expand(
+                    A.check_vector(image_translate, len(prep.axes), "image_translate", 0.0)
+                    if image_translate is not None
+                    else prep.translate,
+                    prep.axes,
+                    img_axes,
+                    0.0,
+                )
+            )
             iunits = tuple(_expand(prep.units, prep.axes, img_axes, None))
             ms = _write_image(
                 root, image, img_axes, iscale, itrans, iunits, levels, None, image_name, max_bytes
