@@ -7,6 +7,7 @@ a second full-size copy in memory (a region is at most ``max_bytes`` of input).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,59 @@ def iter_regions(
     yield from rec((), 0)
 
 
+def is_dask(data: Any) -> bool:
+    return hasattr(data, "dask") and hasattr(data, "chunks") and hasattr(data, "compute")
+
+
+def _fitting_divisor(dask_chunk: int, target: int) -> int:
+    """A zarr chunk size that divides ``dask_chunk`` and is close to ``target``."""
+    if dask_chunk <= target:
+        return dask_chunk
+    for size in range(target, max(1, target // 2) - 1, -1):
+        if dask_chunk % size == 0:
+            return size
+    return dask_chunk  # no good divisor: one zarr chunk per dask chunk
+
+
+def plan_chunks(
+    data: Any, chunks: Sequence[int] | None, n_space: int | None = None
+) -> tuple[Any, tuple[int, ...]]:
+    """Zarr chunks for ``data`` and the data to read (a dask array may be rechunked).
+
+    For dask input the zarr chunks divide the dask chunks, so that each dask block is
+    computed exactly once and written as whole zarr chunks.
+    """
+    if not is_dask(data):
+        return data, check_chunks(chunks, data.shape, n_space)
+    regular = all(len(set(c[:-1])) <= 1 and c[-1] <= c[0] for c in data.chunks)
+    if chunks is None and regular:
+        default = default_chunks(data.shape, n_space)
+        return data, tuple(
+            _fitting_divisor(int(dc), d) for dc, d in zip(data.chunksize, default, strict=True)
+        )
+    chunks = check_chunks(chunks, data.shape, n_space)
+    aligned = regular and all(
+        int(dc) % c == 0 or int(dc) >= s
+        for dc, c, s in zip(data.chunksize, chunks, data.shape, strict=True)
+    )
+    if not aligned:
+        data = data.rechunk(chunks)
+    return data, chunks
+
+
+def iter_input_regions(
+    data: Any, chunks: Sequence[int], max_bytes: int = DEFAULT_REGION_BYTES
+) -> Iterator[tuple[slice, ...]]:
+    """Regions to read from ``data``: its dask blocks (each computed once), or chunk-
+    aligned regions of at most ``max_bytes`` for numpy / zarr input."""
+    if is_dask(data):
+        bounds = [np.cumsum((0, *c)).tolist() for c in data.chunks]
+        for idx in itertools.product(*(range(len(c)) for c in data.chunks)):
+            yield tuple(slice(b[i], b[i + 1]) for b, i in zip(bounds, idx, strict=True))
+    else:
+        yield from iter_regions(data.shape, chunks, np.dtype(data.dtype).itemsize, max_bytes)
+
+
 def read_block(data: Any, region: tuple[slice, ...]) -> np.ndarray:
     """``data[region]`` as a numpy array (computes a dask block; reads a zarr block)."""
     block = data[region]
@@ -159,18 +213,18 @@ def check_label_block(block: np.ndarray, region: tuple[slice, ...]) -> tuple[int
             )
         frac = block != np.floor(block)
         if frac.any():
-            value = block[np.unravel_index(int(np.flatnonzero(frac)[0]), block.shape)]
+            value = block[np.unravel_index(int(np.flatnonzero(frac)[0]), block.shape)].item()
             raise ValueError(
-                f"labels contain the non-integer value {value!r} {_where(region, block, frac)}; "
+                f"labels contain the non-integer value {value} {_where(region, block, frac)}; "
                 + _FIX
             )
-    lo, hi = block.min(), block.max()
+    lo, hi = block.min().item(), block.max().item()
     if lo < 0:
         raise ValueError(
-            f"labels contain the negative value {lo!r} {_where(region, block, block < 0)}; " + _FIX
+            f"labels contain the negative value {lo} {_where(region, block, block < 0)}; " + _FIX
         )
     if kind == "f" and hi >= 2.0**64:
-        raise ValueError(f"label id {hi!r} does not fit in uint64; " + _FIX)
+        raise ValueError(f"label id {hi:.17g} does not fit in uint64; " + _FIX)
     return int(lo), int(hi)
 
 
@@ -195,8 +249,7 @@ def label_stats(
     """One validating pass over ``data`` region by region (no full copy)."""
     lo, hi = None, None
     ids: set[int] | None = set() if collect_ids else None
-    itemsize = np.dtype(data.dtype).itemsize
-    for region in iter_regions(data.shape, chunks, itemsize, max_bytes):
+    for region in iter_input_regions(data, chunks, max_bytes):
         block = read_block(data, region)
         blo, bhi = check_label_block(block, region)
         lo = blo if lo is None else min(lo, blo)

@@ -125,7 +125,7 @@ def _prepare(
     axes = check_axes(axes, ndim)
     scale, translate = layer_geometry(ndim, scale, translate)
     n_space = sum(AXIS_TYPES[a] == "space" for a in axes)
-    chunks = A.check_chunks(chunks, labels.shape, n_space)
+    labels, chunks = A.plan_chunks(labels, chunks, n_space)
     color_fn = colors if callable(colors) else None
     prep = _Prepared(
         data=labels,
@@ -170,8 +170,7 @@ def _write_label_array(prep: _Prepared, target, key: str | None, attributes=None
         arr = target.create_array(key, **kwargs)
     check = not prep.validated  # values not validated by a stats pass yet
     collect = not prep.validated and prep.colors is None
-    src_itemsize = np.dtype(prep.data.dtype).itemsize
-    for region in A.iter_regions(prep.data.shape, prep.chunks, src_itemsize, prep.max_bytes):
+    for region in A.iter_input_regions(prep.data, prep.chunks, prep.max_bytes):
         block = A.read_block(prep.data, region)
         if check:
             _lo, hi = A.check_label_block(block, region)
@@ -330,7 +329,7 @@ def _write_image(group, image, axes, scale, translate, units, levels, chunks, na
     zarr = _zarr()  # noqa: F841
     shape = tuple(int(s) for s in image.shape)
     n_space = sum(AXIS_TYPES[a] == "space" for a in axes)
-    chunks = A.check_chunks(chunks, shape, n_space)
+    image, chunks = A.plan_chunks(image, chunks, n_space)
     arr = group.create_array(
         "0",
         shape=shape,
@@ -340,7 +339,7 @@ def _write_image(group, image, axes, scale, translate, units, levels, chunks, na
         compressors=_compressor(),
         dimension_names=tuple(axes),
     )
-    for region in A.iter_regions(shape, chunks, np.dtype(image.dtype).itemsize, max_bytes):
+    for region in A.iter_input_regions(image, chunks, max_bytes):
         arr[region] = A.read_block(image, region)
     _write_pyramid(group, "0", shape, axes, chunks, levels, max_bytes)
     return _multiscale(name, axes, units, scale, translate, levels, "image")
@@ -384,7 +383,7 @@ def write_ome_zarr_labels(
     colors: dict | None = None,
     dtype: Any = None,
     chunks: Sequence[int] | None = None,
-    levels: int = 1,
+    levels: int | None = None,
     overwrite: bool = False,
     session: Any = None,
     max_bytes: int = A.DEFAULT_REGION_BYTES,
@@ -405,7 +404,8 @@ def write_ome_zarr_labels(
     colors : ``{id: (r, g, b, a)}`` (ints 0-255 or floats 0-1), or a function of the sorted
         list of ids present returning such a dict; default: a deterministic colour per id.
     dtype : storage dtype; default the smallest of uint8/16/32/64 holding the largest id.
-    levels : number of resolution levels (1 = no pyramid).
+    levels : number of resolution levels (1 = no pyramid). Default 1, or the existing
+        image's number of levels when adding to an image (NGFF requires them to match).
     session : optional :class:`~napari_sam.io.session.SessionRecord`, saved as
         ``napari_sam_session.json`` inside the label group, in the same atomic write.
 
@@ -433,6 +433,8 @@ def write_ome_zarr_labels(
             max_bytes=max_bytes,
         )
     check_destination(dest, overwrite)
+    if levels is None:
+        levels = 1
     prep = _prepare(
         labels,
         name=name,
@@ -448,15 +450,18 @@ def write_ome_zarr_labels(
     levels = _check_levels(levels, prep.data.shape, prep.axes)
     if image is not None:
         img_axes, mode = _image_axes(prep.axes, image, rgb)
+        n_lead = sum(a == "t" for a in prep.axes)
         if mode == "rgb":
-            image = _channel_first(image)
-            n_lead = sum(a == "t" for a in prep.axes)
+            image = _channel_first(image, n_lead)
             img_axes = prep.axes[:n_lead] + ("c",) + prep.axes[n_lead:]
-        spatial = [s for s, a in zip(image.shape, img_axes, strict=True) if a != "c"]
-        if tuple(spatial) != tuple(prep.data.shape):
+        if mode is None:
+            spatial = tuple(image.shape)
+        else:
+            spatial = tuple(s for s, a in zip(image.shape, img_axes, strict=True) if a != "c")
+        if spatial != tuple(prep.data.shape):
             raise ValueError(
                 f"image shape {tuple(image.shape)} does not match labels shape "
-                f"{tuple(prep.data.shape)} (axes {''.join(img_axes)})"
+                f"{tuple(prep.data.shape)} (image axes {''.join(img_axes)})"
             )
 
     with atomic_path(dest, overwrite=overwrite) as tmp:
@@ -512,17 +517,16 @@ def _expand(values, label_axes, image_axes, fill):
     return [lookup.get(a, fill) for a in image_axes]
 
 
-def _channel_first(image):
+def _channel_first(image, n_lead: int):
     """(..., Y, X, C) -> (..., C, Y, X), a numpy view or a lazy dask array: the channel
-    axis goes right before the space axes (NGFF order t, c, z, y, x)."""
-    ndim = len(image.shape)
-    n_space = 3 if ndim >= 4 else 2
-    dest = ndim - 1 - n_space
+    axis goes right after the ``n_lead`` time axes (NGFF order t, c, z, y, x)."""
     if hasattr(image, "compute"):
         import dask.array as da
 
-        return da.moveaxis(image, -1, dest)
-    return np.moveaxis(np.asarray(image) if not isinstance(image, np.ndarray) else image, -1, dest)
+        return da.moveaxis(image, -1, n_lead)
+    if not isinstance(image, np.ndarray):
+        image = np.asarray(image)
+    return np.moveaxis(image, -1, n_lead)
 
 
 def _add_labels_to_image(
@@ -547,24 +551,34 @@ def _add_labels_to_image(
     img = contents.image
     assert img is not None
     img_shape = tuple(img.data[0].shape)
-    spatial_axes = tuple(a for a in img.axes if a != "c")
-    spatial_shape = tuple(s for s, a in zip(img_shape, img.axes, strict=True) if a != "c")
     A.check_array(labels, "labels")
-    if tuple(labels.shape) != spatial_shape:
+    if len(labels.shape) == len(img_shape):  # same axes as the image (incl. any channel)
+        keep = list(range(len(img.axes)))
+    else:  # the image's axes without the channel axis
+        keep = [i for i, a in enumerate(img.axes) if a != "c"]
+    want = tuple(img_shape[i] for i in keep)
+    if tuple(labels.shape) != want:
         raise ValueError(
             f"these labels (shape {tuple(labels.shape)}) do not belong to the image in "
             f"{str(dest)!r} (shape {img_shape}, axes {''.join(img.axes)}): the labels must "
-            f"have shape {spatial_shape}. Write them to a new store instead."
+            f"have shape {want}. Write them to a new store instead."
         )
     if axes is None:
-        axes = spatial_axes
-    keep = [i for i, a in enumerate(img.axes) if a != "c"]
+        axes = tuple(img.axes[i] for i in keep)
     if scale is None:
         scale = [img.scale[i] for i in keep]
     if translate is None:
         translate = [img.translate[i] for i in keep]
     if units is None:
         units = [img.units[i] for i in keep] if img.units else None
+    n_img_levels = len(img.data)
+    if levels is None:
+        levels = n_img_levels
+    elif levels != n_img_levels:
+        raise ValueError(
+            f"the image in {str(dest)!r} has {n_img_levels} resolution level(s); its labels "
+            f"must have the same number (NGFF 0.5), not levels={levels}"
+        )
     prep = _prepare(
         labels,
         name=name,

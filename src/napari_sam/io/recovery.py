@@ -73,7 +73,7 @@ def image_key(image: Any, name: str = "") -> str:
     about 1 GiB), so two large images differing only between sampled planes would share
     a key (the stored shape and name still tell them apart in the list).
     """
-    from napari_sam.io._arrays import default_chunks, iter_regions, read_block
+    from napari_sam.io._arrays import default_chunks, iter_input_regions, read_block
 
     shape = tuple(int(s) for s in image.shape)
     dtype = np.dtype(image.dtype)
@@ -81,7 +81,7 @@ def image_key(image: Any, name: str = "") -> str:
     h.update(repr((shape, dtype.str, name)).encode())
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if nbytes <= _FULL_HASH_BYTES or len(shape) < 3:
-        for region in iter_regions(shape, default_chunks(shape), dtype.itemsize):
+        for region in iter_input_regions(image, default_chunks(shape)):
             h.update(np.ascontiguousarray(read_block(image, region)).tobytes())
     else:
         step = int(np.ceil(nbytes / _FULL_HASH_BYTES))

@@ -53,6 +53,8 @@ def _planes(prep, check: bool) -> Iterator[np.ndarray]:
     lead = shape[:-2]
     plane_bytes = shape[-1] * shape[-2] * np.dtype(data.dtype).itemsize
     per_slab = max(1, prep.max_bytes // max(plane_bytes, 1))
+    if A.is_dask(data) and lead:
+        per_slab = int(data.chunksize[-3])  # one dask block row at a time: computed once
     if not lead:
         regions: Iterator[tuple[slice, ...]] = iter([hw])
     else:
