@@ -180,6 +180,7 @@ def test_bool_labels_become_uint8(tmp_path):
         (np.array([[0, 1.5], [2, 3]]), "non-integer value 1.5"),
         (np.array([[0, np.nan], [2, 3]]), "NaN or infinity"),
         (np.array([[0, np.inf], [2, 3]]), "NaN or infinity"),
+        (np.array([[0, 2.0**65], [2, 3]]), "label id 3.6893488147419103e\\+19 does not fit in uint64"),
     ],
 )
 def test_bad_label_values(tmp_path, values, message):

@@ -617,7 +617,12 @@ def _add_labels_to_image(
             tmp, prep, levels=levels, source="../../", session_json=session_json
         )
     meta = {
-        "attributes": {"ome": {"version": NGFF_VERSION, "labels": sorted({*existing, key})}},
+        "attributes": {
+            "ome": {
+                "version": NGFF_VERSION,
+                "labels": existing + [key] if key not in existing else existing,
+            }
+        },
         "zarr_format": 3,
         "node_type": "group",
     }
