@@ -180,7 +180,10 @@ def test_bool_labels_become_uint8(tmp_path):
         (np.array([[0, 1.5], [2, 3]]), "non-integer value 1.5"),
         (np.array([[0, np.nan], [2, 3]]), "NaN or infinity"),
         (np.array([[0, np.inf], [2, 3]]), "NaN or infinity"),
-        (np.array([[0, 2.0**65], [2, 3]]), "label id 3.6893488147419103e\\+19 does not fit in uint64"),
+        (
+            np.array([[0, 2.0**65], [2, 3]]),
+            "label id 3.6893488147419103e\\+19 does not fit in uint64",
+        ),
     ],
 )
 def test_bad_label_values(tmp_path, values, message):
@@ -360,3 +363,5 @@ def test_reads_ngff_04_on_zarr_v2(tmp_path):
     assert (
         got.name == "cells" and got.colors == {1: (1, 2, 3, 255)} and got.translate == (0.0, 0.0)
     )
+    with pytest.raises(ValueError, match="older OME-Zarr"):
+        write_ome_zarr_labels(tmp_path / "old.zarr", lab, name="new")

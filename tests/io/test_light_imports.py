@@ -15,7 +15,10 @@ def test_io_imports_are_light():
     )
     src = str(Path(__file__).parents[2] / "src")
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         env={"PYTHONPATH": src},
     )
     assert out.stdout.strip() == ""

@@ -228,6 +228,19 @@ def check_label_block(block: np.ndarray, region: tuple[slice, ...]) -> tuple[int
     return int(lo), int(hi)
 
 
+def ids_in(block: np.ndarray, hi: int) -> np.ndarray:
+    """Distinct nonzero ids in a validated label block (bincount when ids are small)."""
+    if block.dtype.kind in "bui" and hi < (1 << 20) and block.size > 8 * (hi + 1):
+        flat = block.reshape(-1)
+        counts = np.zeros(hi + 1, np.int64)
+        step = 1 << 22  # bincount converts to intp: bound that temporary to 32 MiB
+        for start in range(0, flat.size, step):
+            counts += np.bincount(flat[start : start + step], minlength=hi + 1)
+        return np.flatnonzero(counts[1:]) + 1
+    u = np.unique(block)
+    return u[u != 0].astype(np.uint64)
+
+
 @dataclass
 class LabelStats:
     """What a pass over the labels found. ``ids``: sorted nonzero ids, None if > cap."""
@@ -255,7 +268,7 @@ def label_stats(
         lo = blo if lo is None else min(lo, blo)
         hi = bhi if hi is None else max(hi, bhi)
         if ids is not None:
-            ids.update(int(v) for v in np.unique(block) if v != 0)
+            ids.update(ids_in(block, bhi).tolist())
             if len(ids) > max_ids:
                 ids = None
     assert lo is not None and hi is not None

@@ -172,11 +172,14 @@ def _write_label_array(prep: _Prepared, target, key: str | None, attributes=None
     collect = not prep.validated and prep.colors is None
     for region in A.iter_input_regions(prep.data, prep.chunks, prep.max_bytes):
         block = A.read_block(prep.data, region)
+        hi = None
         if check:
             _lo, hi = A.check_label_block(block, region)
             A.check_dtype_fits(prep.dtype, hi)
         if collect and prep.written_ids is not None:
-            prep.written_ids.update(int(v) for v in np.unique(block) if v != 0)
+            if hi is None:
+                hi = A.check_label_block(block, region)[1]
+            prep.written_ids.update(A.ids_in(block, hi).tolist())
             if len(prep.written_ids) > A.MAX_COLOR_IDS:
                 prep.written_ids = None
         arr[region] = A.cast_block(block, prep.dtype)
@@ -547,6 +550,11 @@ def _add_labels_to_image(
     max_bytes,
 ) -> Path:
     """Add ``labels/<name>`` to an existing OME-Zarr image group at ``dest``."""
+    if not (dest / "zarr.json").exists():
+        raise ValueError(
+            f"{str(dest)!r} is an older OME-Zarr (NGFF 0.4, zarr v2); napari-sam adds labels "
+            "only to NGFF 0.5 (zarr v3) stores. Write the labels to a new store instead."
+        )
     contents = read_ome_zarr(dest, lazy=True, with_labels=False)
     img = contents.image
     assert img is not None
@@ -669,6 +677,7 @@ def write_labels_zarr(
         units=units,
         dtype=dtype,
         chunks=chunks,
+        colors={},  # no colours stored: skip collecting ids
         max_bytes=max_bytes,
     )
     attrs = {
