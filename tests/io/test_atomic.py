@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from _fs import full_dir, leftovers, read_only_dir
+from _io_fs import full_dir, leftovers, read_only_dir
 
 from napari_sam.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 

@@ -9,7 +9,7 @@ import tracemalloc
 import dask.array as da
 import numpy as np
 import pytest
-from _fs import leftovers
+from _io_fs import leftovers
 
 from napari_sam.io.labels_zarr import (
     read_labels_zarr,

@@ -6,7 +6,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import tifffile
-from _fs import leftovers
+from _io_fs import leftovers
 
 from napari_sam.io.tiff import read_labels_tiff, write_labels_tiff
 
