@@ -14,7 +14,9 @@ import sys
 
 # name -> (module, one-line help). Add a line here to add a command.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "export": ("napari_sam.io.export_cmd", "Convert labels between TIFF, zarr and OME-Zarr"),
+    "models": ("napari_sam._cli_models", "list known model checkpoints and the cache"),
+    "download": ("napari_sam._cli_download", "download model checkpoints into the cache"),
+    "export": ("napari_sam.io.export_cmd", "convert labels between TIFF, zarr and OME-Zarr"),
 }
 
 

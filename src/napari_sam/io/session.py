@@ -296,7 +296,10 @@ def _slice_image(image: np.ndarray | Any, prompt: PromptRecord, spatial_ndim: in
 
 
 def _predict_args(prompt: PromptRecord, hw: tuple[int, int], object_id: int) -> dict[str, Any]:
-    """napari (row, col) -> SAM (x, y) / XYXY.  # TODO(lead): route through prompts.py"""
+    """PromptRecord (napari row, col) -> predictor keyword arguments (SAM x, y / XYXY),
+    converted by :mod:`napari_sam.prompts` (the one place that swaps the axes)."""
+    from napari_sam.prompts import box_rc_to_xyxy, rc_to_xy
+
     h, w = hw
     args: dict[str, Any] = {"multimask_output": prompt.multimask}
     if prompt.points:
@@ -308,15 +311,14 @@ def _predict_args(prompt: PromptRecord, hw: tuple[int, int], object_id: int) -> 
                 f"object {object_id}: point (row {r:g}, col {c:g}) is outside the image "
                 f"(height {h}, width {w})"
             )
-        args["point_coords"] = pts[:, ::-1].copy()  # (N, 2) (x, y)
+        args["point_coords"] = rc_to_xy(pts)  # (N, 2) (x, y)
         args["point_labels"] = np.asarray(prompt.point_labels, dtype=np.int64)
     if prompt.box is not None:
         r0, c0, r1, c1 = prompt.box
-        r0, r1 = sorted((r0, r1))
-        c0, c1 = sorted((c0, c1))
-        if r1 - r0 <= 0 or c1 - c0 <= 0:
+        box = box_rc_to_xyxy(np.array([[r0, c0], [r1, c1]]))  # (4,) XYXY
+        if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
             raise ValueError(f"object {object_id}: box {prompt.box} has zero area")
-        args["box"] = np.array([c0, r0, c1, r1], dtype=float)  # XYXY
+        args["box"] = box
     return args
 
 
