@@ -75,7 +75,7 @@ def test_with_image_and_options(tmp_path, labels):
     img = np.random.default_rng(0).integers(0, 999, labels.shape).astype(np.uint16)
     import tifffile
 
-    tifffile.imwrite(tmp_path / "img.tif", img)
+    tifffile.imwrite(tmp_path / "img.tif", img, photometric="minisblack")
     src = write_labels_tiff(tmp_path / "in.tif", labels)
     out = tmp_path / "both.ome.zarr"
     rc = main(

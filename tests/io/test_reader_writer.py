@@ -32,7 +32,7 @@ def test_get_reader_claims_only_what_it_reads(tmp_path):
     ome = write_ome_zarr_labels(tmp_path / "a.ome.zarr", lab)
     plain = write_labels_zarr(tmp_path / "b.zarr", lab)
     tif = core_write_tiff(tmp_path / "c.tif", lab)
-    tifffile.imwrite(tmp_path / "foreign.tif", lab.astype(np.uint16))
+    tifffile.imwrite(tmp_path / "foreign.tif", lab.astype(np.uint16), photometric="minisblack")
     import zarr
 
     zarr.create_array(str(tmp_path / "foreign.zarr"), shape=(4, 4), dtype="uint8")
