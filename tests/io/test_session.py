@@ -338,3 +338,33 @@ def test_session_file_is_plain_json(tmp_path):
     d = json.loads(p.read_text())
     assert d["kind"] == "napari-sam-session" and d["format_version"] == FORMAT_VERSION
     assert d["objects"][0]["prompts"][0]["points"] == [[10.0, 10.0]]
+
+
+def test_replay_with_the_project_predictor_on_a_gray_volume():
+    """The project's own SamPredictor (tiny random model) on a 3D gray stack: recorded
+    objects come back identical from the saved session."""
+    pytest.importorskip("torch")
+    build = pytest.importorskip("napari_sam.model.build")
+    predictor_mod = pytest.importorskip("napari_sam.predictor")
+    import torch
+
+    if "test_vit" not in build.CONFIGS:
+        pytest.skip("no small test config")
+    torch.manual_seed(0)
+    pred = predictor_mod.SamPredictor(build.build_sam("test_vit"))
+    rng = np.random.default_rng(1)
+    vol = rng.normal(100, 20, (3, 40, 56)).astype(np.float32)
+    session = SessionRecord(image_shape=vol.shape)
+    labels = np.zeros(vol.shape, np.uint8)
+    for oid, (z, pt) in enumerate([(0, (10, 12)), (2, (30, 40)), (2, (5, 50))], start=1):
+        p = PromptRecord(points=[pt], point_labels=[1], slice_index=z)
+        pred.set_image(vol[z])
+        masks, iou, _ = pred.predict(
+            point_coords=np.array([pt[::-1]], float), point_labels=np.array([1])
+        )
+        labels[z][masks[int(np.argmax(iou))]] = oid
+        session.add(ObjectRecord(oid, [p]))
+    assert len(np.unique(labels)) > 1
+    np.testing.assert_array_equal(
+        replay(SessionRecord.from_json(session.to_json()), pred, vol), labels
+    )
