@@ -119,7 +119,7 @@ class SmallEncoder(nn.Module):
         self.embed_dim = embed_dim
         stages = []
         cin = in_chans
-        for w, d in zip(widths, depths):
+        for w, d in zip(widths, depths, strict=True):
             stages.append(
                 nn.Sequential(_conv_bn(cin, w, 3, 2), *[BasicBlock(w) for _ in range(d)])
             )

@@ -140,7 +140,7 @@ def to_canvas(image, labels, canvas: int, low=0.5, high=99.5, min_area=8) -> Sam
     lab = np.zeros((canvas, canvas), labels.dtype)
     lab[:nh, :nw] = labels
     ids, counts = np.unique(lab, return_counts=True)
-    masks = [lab == i for i, c in zip(ids, counts) if i != 0 and c >= min_area]
+    masks = [lab == i for i, c in zip(ids, counts, strict=True) if i != 0 and c >= min_area]
     return Sample(out[0].numpy(), masks)
 
 
@@ -173,7 +173,7 @@ class ArraySource:
         if len(images) != len(labels) or not images:
             raise ValueError("images and labels must be non-empty lists of equal length")
         self.samples = []
-        for i, (im, lab) in enumerate(zip(images, labels)):
+        for i, (im, lab) in enumerate(zip(images, labels, strict=True)):
             s = to_canvas(im, lab, canvas)
             s.key = i
             if s.masks:
@@ -323,6 +323,14 @@ def _session_step(model, emb, sample: Sample, obj_idx, cfg: TrainConfig, rng, to
 # ----------------------------------------------------------------------------- eval
 
 
+def _iou_full(logits, size, tgt):
+    """IoU of up-sampled ``logits`` (K, 1, h, w) > 0 with ``tgt`` (K, H, W) bool -> (K,), masks."""
+    pred = (_upsample(logits, size) > 0)[:, 0]
+    inter = (pred & tgt).flatten(1).sum(1).float()
+    union = (pred | tgt).flatten(1).sum(1).float().clamp(min=1)
+    return (inter / union).numpy(), pred.numpy()
+
+
 def evaluate(model, samples: list[Sample], n_clicks: int = 3, callback=None) -> dict:
     """Mean IoU on ``samples``: 1 box, 1 point, and point + 1..n_clicks corrections.
 
@@ -347,11 +355,8 @@ def evaluate(model, samples: list[Sample], n_clicks: int = 3, callback=None) -> 
             gt = np.stack(s.masks)
             tgt = torch.from_numpy(gt)
 
-            def iou_of(logits):
-                pred = (_upsample(logits, size) > 0)[:, 0]
-                inter = (pred & tgt).flatten(1).sum(1).float()
-                union = (pred | tgt).flatten(1).sum(1).float().clamp(min=1)
-                return (inter / union).numpy(), pred.numpy()
+            def iou_of(logits, size=size, tgt=tgt):
+                return _iou_full(logits, size, tgt)
 
             boxes = torch.from_numpy(np.stack([P.mask_box(m) for m in s.masks]))
             logits, iou = _decode(model, emb, None, None, boxes, None)
@@ -360,7 +365,7 @@ def evaluate(model, samples: list[Sample], n_clicks: int = 3, callback=None) -> 
             ious["box3"] += list(iou_of(logits[torch.arange(len(pick)), pick][:, None])[0])
             its = [P.start(m, rng, "point") for m in s.masks]
             # deterministic first point: the object's innermost pixel (centre click)
-            for it, m in zip(its, s.masks):
+            for it, m in zip(its, s.masks, strict=True):
                 it.points[0] = P.correction_point(np.zeros_like(m), m, mode="center")[0][0]
             logits, iou = _decode(model, emb, *_stack_prompts(its, torch))
             pick = iou[:, 1:].argmax(1) + 1
@@ -500,18 +505,19 @@ def train(
             p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history, best = 0, [], {"score": -1.0, "step": -1, "metrics": None}
+    stale = 0
     if cfg.resume and last.exists():
         ck = load_checkpoint(last)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, history, best = ck["step"], ck["history"], ck["best"]
         _set_rng_state(rng, ck["rng"], torch)
+        stale = sum(h["step"] > best["step"] for h in history)
     source = source or SyntheticSource(cfg)
     if eval_samples is None and cfg.eval_every:
         eval_samples = eval_set(cfg)
     log = open(out / "log.jsonl", "a")  # noqa: SIM115
     emb_cache: dict = {}
-    stale = 0
     reason = "steps"
 
     def emit(ev):

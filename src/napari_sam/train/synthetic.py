@@ -99,7 +99,7 @@ class _Shape:
 def _box(center, half, shape):
     """Slices of the box ``center +- half`` clipped to ``shape`` (or None if outside)."""
     sl = []
-    for c, h, n in zip(center, half, shape):
+    for c, h, n in zip(center, half, shape, strict=True):
         lo, hi = max(int(np.floor(c - h)), 0), min(int(np.ceil(c + h)) + 1, n)
         if hi - lo < 2:
             return None
@@ -129,7 +129,7 @@ def _star(rng, center, radius, aspect, angle, roughness, shape):
     u, v = (x * c + y * s) / a, (-x * s + y * c) / b
     rho = np.sqrt(u * u + v * v)
     theta = np.arctan2(v, u)
-    bound = 1 + sum(m * np.cos(kk * theta + p) for m, kk, p in zip(amp, k, phase))
+    bound = 1 + sum(m * np.cos(kk * theta + p) for m, kk, p in zip(amp, k, phase, strict=True))
     rel = rho / bound
     inside = rel < 1
     if inside.sum() < 4:
@@ -168,7 +168,7 @@ def _smooth_noise(rng, shape, sigma):
     small = tuple(max(2, -(-n // factor)) for n in shape)
     f = ndi.gaussian_filter(rng.standard_normal(small).astype(np.float32), sigma / factor)
     if factor > 1:
-        f = ndi.zoom(f, [n / m for n, m in zip(shape, small)], order=1)
+        f = ndi.zoom(f, [n / m for n, m in zip(shape, small, strict=True)], order=1)
         f = f[tuple(slice(0, n) for n in shape)]
     f -= f.mean()
     return f / (f.std() + 1e-6)
@@ -187,7 +187,7 @@ def _background(rng, shape):
     )
     # Illumination: vignetting around a random centre, strength 0..40 %.
     centre = [rng.uniform(-0.5, 0.5) for _ in shape]
-    r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
+    r2 = sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True))
     illum = 1 - rng.uniform(0, 0.4) * np.clip(r2 / 2, 0, 1)
     return np.clip(bg, 0, None).astype(np.float32), illum.astype(np.float32)
 
@@ -393,7 +393,7 @@ def _scene_elongated(rng, canvas, density, scale):
     main_angle = rng.uniform(0, np.pi)
 
     def make():
-        width = rng.uniform(max(2.5, 0.35 * width_hi), width_hi)
+        width = rng.uniform(min(max(2.5, 0.35 * width_hi), width_hi), width_hi)
         length = mean_len * np.exp(rng.normal(0, 0.4))
         angle = main_angle + rng.normal(0, 0.2) if aligned else rng.uniform(0, np.pi)
         bend = rng.normal(0, 1.5 / max(length, 1))
@@ -529,7 +529,7 @@ def _ellipsoid(rng, center, radii, angle, roughness, shape):
         max(radii[1:]) * (1 + roughness) + 2,
     ]
     sl = []
-    for c, hh, n in zip(center, half, shape):
+    for c, hh, n in zip(center, half, shape, strict=True):
         lo, hi = max(int(np.floor(c - hh)), 0), min(int(np.ceil(c + hh)) + 1, n)
         if hi - lo < 1:
             return None
@@ -543,7 +543,7 @@ def _ellipsoid(rng, center, radii, angle, roughness, shape):
     k = np.arange(2, 5)
     amp = roughness * rng.uniform(0.3, 1, k.size) / k
     ph = rng.uniform(0, 2 * np.pi, k.size)
-    bound = 1 + sum(m * np.cos(kk * theta + p) for m, kk, p in zip(amp, k, ph))
+    bound = 1 + sum(m * np.cos(kk * theta + p) for m, kk, p in zip(amp, k, ph, strict=True))
     rel = np.sqrt(u * u + v * v + (z / radii[0]) ** 2) / bound
     inside = rel < 1
     if inside.sum() < 8:
