@@ -61,7 +61,7 @@ def test_short_training_improves_held_out_iou(tmp_path):
 
 
 def _state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def test_resume_gives_identical_state(tmp_path):
