@@ -186,9 +186,10 @@ def render_prompts(
     xs = torch.arange(mw, device=device, dtype=torch.float32)
     if boxes is not None:
         b = boxes.reshape(-1, 4).to(device=device, dtype=torch.float32)
-        # pixel index -> mask-frame coordinate of the box edges
-        x0, x1 = b[:, 0] * sx - 0.5 * sx, (b[:, 2] + 1) * sx - 0.5
-        y0, y1 = b[:, 1] * sy - 0.5 * sy, (b[:, 3] + 1) * sy - 0.5
+        # outer pixel edges of the inclusive box, in mask-pixel index coordinates (a mask
+        # pixel j covers [j - 0.5, j + 0.5])
+        x0, x1 = b[:, 0] * sx - 0.5, (b[:, 2] + 1) * sx - 0.5
+        y0, y1 = b[:, 1] * sy - 0.5, (b[:, 3] + 1) * sy - 0.5
         inx = torch.sigmoid((xs[None] - x0[:, None]) * 2) * torch.sigmoid(
             (x1[:, None] - xs[None]) * 2
         )
@@ -216,7 +217,12 @@ class PromptRenderMixin:
     ``dense = mask_downscaling(render(points, boxes) [+ masks]) [+ no_mask_embed if no
     mask]``. Requires ``render_box``, ``render_point``, ``render_sigma`` attributes.
     Input/output shapes are those of ``PromptEncoder.forward``.
+
+    ``renders_prompts = True`` tells callers that the dense embedding depends on the points
+    and boxes too (it is not the constant no-mask embedding when no mask is given).
     """
+
+    renders_prompts = True
 
     def forward(self, points, boxes, masks):
         sparse, dense_nomask = super().forward(points, boxes, None)
