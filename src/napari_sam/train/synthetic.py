@@ -90,10 +90,11 @@ class _Shape:
     ``rel``: normalised radius in [0, 1] inside (0 centre, 1 boundary).
     """
 
-    __slots__ = ("depth", "inside", "rel", "sl")
+    __slots__ = ("center", "depth", "inside", "rel", "sl")
 
     def __init__(self, sl, inside, depth, rel):
         self.sl, self.inside, self.depth, self.rel = sl, inside, depth, rel
+        self.center = None
 
 
 def _box(center, half, shape):
@@ -266,21 +267,35 @@ def _scene_nuclei(rng, canvas, density, scale):
     n = int(area / (np.pi * ((r_lo + r_hi) / 2) ** 2)) + 1
     overlap = rng.choice([0.0, 0.1, 0.3])
     base = rng.uniform(0.35, 0.9)
+    clump = rng.choice([0.0, 0.4, 0.8])  # probability to grow a clump of touching nuclei
+    spread = rng.uniform(0.1, 0.5)  # brightness spread between nuclei (log-normal sigma)
+    placed: list[tuple[float, float, float]] = []  # (y, x, r) of placed nuclei
 
     def make():
         r = np.exp(rng.uniform(np.log(r_lo), np.log(r_hi)))
-        return _star(
+        if placed and rng.random() < clump:
+            y, x, r0 = placed[rng.integers(len(placed))]
+            a = rng.uniform(0, 2 * np.pi)
+            d = (r0 + r) * rng.uniform(0.85, 1.1)
+            center = [y + d * np.sin(a), x + d * np.cos(a)]
+        else:
+            center = _random_center(rng, canvas.shape)
+        shp = _star(
             rng,
-            _random_center(rng, canvas.shape),
+            center,
             r,
             rng.uniform(1, 2.0),
             rng.uniform(0, np.pi),
             rng.uniform(0, 0.35),
             canvas.shape,
         )
+        if shp is not None:
+            shp.center = (center[0], center[1], r)
+        return shp
 
     for shp in _place(rng, canvas, make, n, overlap):
-        b = base * np.exp(rng.normal(0, 0.35))  # includes dim nuclei
+        placed.append(shp.center)
+        b = base * np.exp(rng.normal(0, spread))  # includes dim nuclei
         canvas.paint(shp, _nucleus_value(rng, canvas, shp, b))
 
 
@@ -387,7 +402,7 @@ def _scene_elongated(rng, canvas, density, scale):
     h, w = canvas.shape
     width_hi = rng.uniform(4, 12) * scale
     mean_len = rng.uniform(15, 60) * scale
-    n = int(h * w * density / (mean_len * width_hi * 0.7)) + 1
+    n = int(h * w * density / (mean_len * width_hi * 1.5)) + 1
     base = rng.uniform(0.4, 0.9)
     aligned = rng.random() < 0.3
     main_angle = rng.uniform(0, np.pi)
@@ -510,6 +525,10 @@ def make_image(
     labels = _relabel(canvas.labels)
     bg, illum = _background(rng, shape)
     clean = canvas.image.copy()
+    if labels.max() > 2 and rng.random() < 0.3:  # some objects out of focus
+        oof = np.isin(labels, np.flatnonzero(rng.random(labels.max() + 1) < 0.25))
+        layer = np.where(oof, clean, 0)
+        clean = np.where(oof, 0, clean) + ndi.gaussian_filter(layer, rng.uniform(1.5, 3.5) * scale)
     _debris(rng, clean, labels, rng.uniform(0, 1.5))
     clean = (clean + bg) * illum
     if rng.random() < 0.15:  # dark objects on a bright background (transmitted light)
