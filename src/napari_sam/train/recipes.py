@@ -14,18 +14,19 @@ RECIPES: dict[str, list[dict]] = {
     "nsam_s": [
         {
             "canvas": 160,
-            "steps": 2400,
+            "steps": 1800,
             "images_per_step": 4,
             "objects_per_image": 6,
             "max_rounds": 3,
             "scale_range": [0.5, 1.8],
-            "uint8_passthrough": 0.0,
+            "uint8_passthrough": 0.7,
             "lr": 1e-3,
             "warmup": 100,
             "eval_every": 200,
             "eval_images": 20,
             "ckpt_every": 25,
             "threads": 1,
+            "seed": 0,
         },
     ],
 }
