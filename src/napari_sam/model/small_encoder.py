@@ -25,7 +25,9 @@ prompt-encoder/decoder/transformer/Sam classes explicitly (defaults: this packag
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -336,6 +338,41 @@ def build_nsam(config: Mapping | None = None, checkpoint=None, parts=None):
     return model.eval()
 
 
+def default_weights() -> Path:
+    """Path of the bundled default weights, ``napari_sam/weights/nsam_s.pt`` (may be absent)."""
+    return Path(__file__).resolve().parents[1] / "weights" / "nsam_s.pt"
+
+
+def looks_like_nsam(state_dict: Mapping) -> bool:
+    """True if a state_dict has this module's encoder layout (``image_encoder.lat32`` ...)."""
+    return (
+        "image_encoder.lat32.weight" in state_dict and "image_encoder.skip4.weight" in state_dict
+    )
+
+
+def load_nsam(path=None):
+    """Build an nsam model from weights and the JSON config beside them.
+
+    Args:
+        path: a ``.pt`` state_dict with a ``.json`` sidecar (``{"config": {...}}``) of the
+            same stem; default :func:`default_weights`.
+
+    Returns:
+        ``Sam`` in eval mode (float32).
+    """
+    path = Path(path) if path is not None else default_weights()
+    if not path.is_file():
+        raise FileNotFoundError(f"nsam weights not found: {path}")
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(
+            f"nsam config not found: {sidecar} (written next to the weights by "
+            "napari_sam.train.loop.export_weights)"
+        )
+    config = json.loads(sidecar.read_text())["config"]
+    return build_nsam(config, checkpoint=path)
+
+
 def set_canvas(model, size: int) -> None:
     """Resize the model's input frame to ``size`` x ``size`` (training on smaller crops).
 
@@ -361,6 +398,9 @@ __all__ = [
     "SmallEncoder",
     "build_nsam",
     "count_parameters",
+    "default_weights",
+    "load_nsam",
+    "looks_like_nsam",
     "render_prompts",
     "set_canvas",
 ]
