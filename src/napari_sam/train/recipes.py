@@ -14,7 +14,7 @@ RECIPES: dict[str, list[dict]] = {
     "nsam_s": [
         {
             "canvas": 160,
-            "steps": 1800,
+            "steps": 1400,
             "images_per_step": 4,
             "objects_per_image": 6,
             "max_rounds": 3,
