@@ -126,3 +126,14 @@ def test_normalize_and_to_canvas():
         L.to_canvas(img, lab[:50], 64)
     with pytest.raises(ValueError, match=r"\(H, W\)"):
         L.normalize_image(np.zeros((2, 3, 4, 5)))
+
+
+def test_early_stop_when_the_score_stops_improving(tmp_path):
+    # lr = 0: the score never changes, so after the first evaluation nothing improves
+    cfg = _cfg(tmp_path, steps=10, lr=0.0, eval_every=1, eval_images=2, patience=2)
+    events = []
+    L.train(cfg, callback=events.append)
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert [e["best"] for e in evals] == [True, False, False]
+    assert events[-1] == {**events[-1], "kind": "done", "step": 3, "reason": "early_stop"}
+    assert (tmp_path / "run" / "best.pt").exists()
