@@ -185,6 +185,7 @@ class SamPredictor:
         self.encoder_runs = 0
         self._embedding: Embedding | None = None
         self._prepared: _fast_decoder.Prepared | None = None
+        self._workspace = _fast_decoder.Workspace()
 
     # ----------------------------------------------------------------- image state
     @property
@@ -486,6 +487,7 @@ class SamPredictor:
             dense if mask_input is not None or getattr(pe, "renders_prompts", False) else None,
             multimask_output,
             fast=self.fast_decoder,
+            ws=self._workspace,
         )
         geometry = (self.input_size, size, self.transform.target_length)
         if return_logits:
