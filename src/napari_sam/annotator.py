@@ -565,7 +565,7 @@ class Annotator:
         if len(prompts.points):
             pts = rc_to_xy(prompts.points)
             lab = prompts.labels.copy()
-        box = box_rc_to_xyxy(prompts.box) if prompts.box is not None else None
+        box = box_rc_to_xyxy(prompts.box.reshape(2, 2)) if prompts.box is not None else None
         mask = prompts.refine.logits if prompts.refine is not None else None
         return PredictionRequest(self._key, self._version, prompts, emb, pts, lab, box, mask)
 
@@ -723,7 +723,7 @@ class Annotator:
                 embedding,
                 rc_to_xy(step.points) if len(step.points) else None,
                 step.labels if len(step.points) else None,
-                box_rc_to_xyxy(step.box) if step.box is not None else None,
+                box_rc_to_xyxy(step.box.reshape(2, 2)) if step.box is not None else None,
                 logits if step.uses_previous else None,
             )
             out = self.run(req)

@@ -28,23 +28,10 @@ def xy_to_rc(points_xy) -> np.ndarray:
     return pts[:, ::-1].copy()
 
 
-def box_rc_to_xyxy(box_rc) -> np.ndarray:
-    """A box given by two opposite corners ``(r0, c0, r1, c1)`` -> ``(4,) XYXY``.
-
-    The corners may come in any order (a rectangle drawn from bottom-right to top-left);
-    the result always has ``x0 <= x1`` and ``y0 <= y1``.
-    """
-    b = np.asarray(box_rc, dtype=np.float64).reshape(-1)
-    if b.shape != (4,):
-        raise ValueError(f"box must be (r0, c0, r1, c1); got shape {np.shape(box_rc)}")
-    r0, c0, r1, c1 = b
-    return np.array([min(c0, c1), min(r0, r1), max(c0, c1), max(r0, r1)])
-
-
-def xyxy_to_box_rc(box_xyxy) -> np.ndarray:
-    """``(4,) XYXY`` -> ``(r0, c0, r1, c1)`` with ``r0 <= r1`` and ``c0 <= c1``."""
-    b = np.asarray(box_xyxy, dtype=np.float64).reshape(-1)
-    if b.shape != (4,):
-        raise ValueError(f"box must be XYXY (x0, y0, x1, y1); got shape {np.shape(box_xyxy)}")
-    x0, y0, x1, y1 = b
-    return np.array([min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1)])
+def box_rc_to_xyxy(corners_rc) -> np.ndarray:
+    """Rectangle vertices ``(K, 2) (row, col)`` (two opposite corners or napari's four, any
+    order) -> ``(4,) XYXY``, the bounding box of the vertices."""
+    c = np.asarray(corners_rc, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] < 2 or c.shape[1] != 2:
+        raise ValueError(f"box corners must be (K, 2) (row, col) with K >= 2; got {c.shape}")
+    return np.array([c[:, 1].min(), c[:, 0].min(), c[:, 1].max(), c[:, 0].max()])

@@ -1,0 +1,199 @@
+"""The models a user can pick in the GUI, and how each becomes a pair of predictors.
+
+A :class:`ModelChoice` is a label for a list plus a loader. The list is built from what
+is installed: the weights registry (``napari_sam.model.registry.MODELS``; downloaded on
+first use), untrained tiny models for testing (random weights, labelled as such), and
+local checkpoint files. Nothing here imports torch, Qt or napari at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+UNTRAINED_TAG = "untrained (testing)"
+
+#: Small random-init configurations offered for testing, by build name (``model/build.py``).
+UNTRAINED_CONFIGS = ("test_vit",)
+
+
+@dataclass(frozen=True)
+class ContrastSetting:
+    """How image values become SAM's 8-bit input.
+
+    mode: ``"percentile"`` (``low``/``high`` are percentiles of the slice), ``"window"``
+    (``low``/``high`` are image values, e.g. the napari layer's contrast limits; CT
+    windows), or ``"minmax"`` (the slice's full range).
+    """
+
+    mode: str = "percentile"
+    low: float = 0.5
+    high: float = 99.5
+
+    def __post_init__(self):
+        if self.mode not in ("percentile", "window", "minmax"):
+            raise ValueError(
+                f"contrast mode must be 'percentile', 'window' or 'minmax', not {self.mode!r}"
+            )
+        if not self.low < self.high:
+            raise ValueError(f"contrast low ({self.low}) must be below high ({self.high})")
+
+
+def _default_predictor(model, contrast: ContrastSetting):
+    """The project's predictor for a model (``napari_sam.predictor.SamPredictor``)."""
+    from napari_sam.predictor import SamPredictor
+
+    try:
+        from napari_sam.preprocess import Contrast
+    except ImportError:  # pragma: no cover - predictor without contrast settings
+        return SamPredictor(model)
+    return SamPredictor(model, contrast=_to_contrast(Contrast, contrast))
+
+
+def _to_contrast(cls, setting: ContrastSetting):
+    """Map the GUI setting onto the predictor's ``Contrast`` (by its field names)."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    kwargs = {}
+    for name in ("mode", "method", "kind"):
+        if name in params:
+            kwargs[name] = setting.mode
+            break
+    pairs = (("low", "high"), ("lower", "upper"), ("vmin", "vmax"), ("p_low", "p_high"))
+    for lo, hi in pairs:
+        if lo in params and hi in params and setting.mode != "minmax":
+            kwargs[lo], kwargs[hi] = setting.low, setting.high
+            break
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of the model list.
+
+    ``load(device) -> model`` builds the model on a device (``"auto"``, ``"cpu"``, ...),
+    possibly downloading weights (call it in a worker thread). ``make_predictor(model,
+    contrast)`` wraps it; the GUI makes two (one decodes, one encodes in a worker).
+    """
+
+    key: str
+    label: str
+    load: Callable[[str], object]
+    trained: bool = True
+    needs_download: bool = False
+    make_predictor: Callable = field(default=_default_predictor)
+
+    def predictors(self, model, contrast: ContrastSetting | None = None):
+        contrast = contrast or ContrastSetting()
+        return self.make_predictor(model, contrast), self.make_predictor(model, contrast)
+
+
+def _registry_choices() -> list[ModelChoice]:
+    try:
+        from napari_sam.model import registry
+    except ImportError:
+        return []
+    choices = []
+    for name, info in registry.MODELS.items():
+        try:
+            local = registry.cached_path(name).is_file()
+        except Exception:  # an unusable cache dir must not hide the list
+            local = False
+        size = f"{info.size_bytes / 1e6:.0f} MB" if getattr(info, "size_bytes", None) else ""
+        where = "cached" if local else f"download {size}".strip()
+        desc = getattr(info, "description", "") or info.model_type
+        label = f"{name}: {desc} ({where})"
+
+        def load(device, _name=name):
+            return registry.load_model(_name, device=device)
+
+        choices.append(ModelChoice(name, label, load, trained=True, needs_download=not local))
+    return choices
+
+
+def _untrained_choices() -> list[ModelChoice]:
+    try:
+        from napari_sam.model import build  # noqa: F401
+    except ImportError:
+        return []
+    out = []
+    for cfg in UNTRAINED_CONFIGS:
+
+        def load(device, _cfg=cfg):
+            return build_untrained(_cfg, device)
+
+        out.append(ModelChoice(f"untrained:{cfg}", f"{cfg}: {UNTRAINED_TAG}", load, False))
+    return out
+
+
+def build_untrained(config: str, device: str = "cpu", seed: int = 0):
+    """A randomly initialised model of a build config, seeded (reproducible)."""
+    import torch
+
+    from napari_sam.model.build import build_sam
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = build_sam(config)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.to(_device(device)).eval()
+
+
+def _device(device: str):
+    try:
+        from napari_sam.devices import select_device
+    except ImportError:
+        import torch
+
+        return torch.device("cpu" if device == "auto" else device)
+    return select_device(device)
+
+
+def file_choice(path: str | os.PathLike) -> ModelChoice:
+    """A local checkpoint file (type detected from its keys)."""
+    path = Path(path).expanduser()
+
+    def load(device):
+        from napari_sam.model.registry import load_model
+
+        return load_model(path, device=device)
+
+    return ModelChoice(f"file:{path}", f"{path.name} (local file)", load)
+
+
+def default_choices() -> list[ModelChoice]:
+    """The model list: cached registry models, then downloads, then untrained ones."""
+    reg = _registry_choices()
+    cached = [c for c in reg if not c.needs_download]
+    remote = [c for c in reg if c.needs_download]
+    return [*cached, *remote, *_untrained_choices()]
+
+
+def preferred_index(choices: list[ModelChoice]) -> int | None:
+    """Which choice to start with: a trained model available without a download, else an
+    untrained one (clearly labelled), else None (a download needs the user's consent)."""
+    for i, c in enumerate(choices):
+        if c.trained and not c.needs_download:
+            return i
+    for i, c in enumerate(choices):
+        if not c.trained:
+            return i
+    return None
+
+
+def available_devices() -> list[str]:
+    """``["auto", ...devices here]`` for a device picker (imports torch)."""
+    try:
+        from napari_sam.devices import available_devices as found
+    except ImportError:
+        import torch
+
+        def found():
+            return (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]
+
+    return ["auto", *found()]
