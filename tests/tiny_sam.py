@@ -75,10 +75,19 @@ class OfficialEmbedding:
     input_size: tuple
 
 
-def to_uint8_rgb(image) -> np.ndarray:
-    """Percentile-stretch any 2D gray / (H, W, 3) image to uint8 RGB (test stand-in)."""
+def to_uint8_rgb(image, contrast=None) -> np.ndarray:
+    """Stretch any 2D gray / (H, W, 3) image to uint8 RGB (test stand-in for preprocess).
+
+    ``contrast``: a ``ContrastSetting``; default: percentiles 0.5-99.5.
+    """
     img = np.asarray(image, dtype=np.float64)
-    lo, hi = np.nanpercentile(img, [0.5, 99.5])
+    mode = getattr(contrast, "mode", "auto")
+    if mode == "window":
+        lo, hi = contrast.vmin, contrast.vmax
+    elif mode == "minmax":
+        lo, hi = np.nanmin(img), np.nanmax(img)
+    else:
+        lo, hi = np.nanpercentile(img, [0.5, 99.5])
     img = np.clip((np.nan_to_num(img, nan=lo) - lo) / max(hi - lo, 1e-12), 0, 1)
     img = (img * 255).round().astype(np.uint8)
     if img.ndim == 2:
@@ -89,14 +98,15 @@ def to_uint8_rgb(image) -> np.ndarray:
 class OfficialAdapter:
     """The official ``SamPredictor`` behind the project's predictor contract."""
 
-    def __init__(self, model):
+    def __init__(self, model, contrast=None):
         from reference.official import import_official
 
         self._p = import_official().SamPredictor(model)
         self.model = model
+        self.contrast = contrast
 
     def set_image(self, image, key=None):
-        self._p.set_image(to_uint8_rgb(image))
+        self._p.set_image(to_uint8_rgb(image, self.contrast))
 
     def get_embedding(self):
         p = self._p
@@ -139,8 +149,8 @@ def tiny_model(seed: int = 0):
     return tiny_official_sam(seed)
 
 
-def make_predictor(model):
-    return OfficialAdapter(model)
+def make_predictor(model, contrast=None):
+    return OfficialAdapter(model, contrast)
 
 
 def blob_image(shape=(96, 128), centers=((40, 50, 18), (60, 95, 12)), rgb=False, seed=0):

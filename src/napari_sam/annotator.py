@@ -416,8 +416,8 @@ class Annotator:
         """Non-empty prompts of every plane."""
         return {k: p for k, p in self._prompts.items() if not p.is_empty}
 
-    def _validate(self, points, labels, box) -> Prompts:
-        h, w = self.plane_shape
+    def _validate(self, points, labels, box, key=None) -> Prompts:
+        h, w = plane_shape(self.shape, self._key if key is None else key)
         pts = np.asarray(points if points is not None else np.zeros((0, 2)), dtype=np.float64)
         pts = pts.reshape(-1, 2) if pts.size == 0 else pts
         if pts.ndim != 2 or pts.shape[1] != 2:
@@ -473,6 +473,11 @@ class Annotator:
         self._apply_prompts(self._key, new)
         self._push(_PromptEdit(self._key, old, new, text))
         return True
+
+    def restore_prompts(self, key: SliceKey, points, labels=None, box=None) -> None:
+        """Set a plane's prompts without an undo entry (e.g. carried over to a new model)."""
+        key = check_key(key, self.shape)
+        self._apply_prompts(key, self._validate(points, labels, box, key))
 
     def add_point(self, rc, positive: bool = True) -> None:
         """Add one point ``(row, col)``; positive (1) or negative (0)."""

@@ -21,53 +21,46 @@ UNTRAINED_CONFIGS = ("test_vit",)
 
 @dataclass(frozen=True)
 class ContrastSetting:
-    """How image values become SAM's 8-bit input.
+    """How image values become SAM's 8-bit input (mirrors ``napari_sam.preprocess.Contrast``).
 
-    mode: ``"percentile"`` (``low``/``high`` are percentiles of the slice), ``"window"``
-    (``low``/``high`` are image values, e.g. the napari layer's contrast limits; CT
-    windows), or ``"minmax"`` (the slice's full range).
+    mode: ``"auto"`` (uint8 as is, else percentiles), ``"percentile"`` (``low``/``high``
+    percentiles of the slice), ``"window"`` (``vmin``/``vmax`` image values, e.g. the
+    napari layer's contrast limits or a CT window), ``"minmax"`` (the slice's range).
     """
 
-    mode: str = "percentile"
+    mode: str = "auto"
     low: float = 0.5
     high: float = 99.5
+    vmin: float | None = None
+    vmax: float | None = None
 
     def __post_init__(self):
-        if self.mode not in ("percentile", "window", "minmax"):
+        if self.mode not in ("auto", "percentile", "window", "minmax"):
             raise ValueError(
-                f"contrast mode must be 'percentile', 'window' or 'minmax', not {self.mode!r}"
+                "contrast mode must be 'auto', 'percentile', 'window' or 'minmax', "
+                f"not {self.mode!r}"
             )
-        if not self.low < self.high:
-            raise ValueError(f"contrast low ({self.low}) must be below high ({self.high})")
+        if not 0 <= self.low < self.high <= 100:
+            raise ValueError(f"contrast percentiles need 0 <= low < high <= 100: {self}")
+        if self.mode == "window" and not (
+            self.vmin is not None and self.vmax is not None and self.vmin < self.vmax
+        ):
+            raise ValueError(f"a contrast window needs vmin < vmax, got {self.vmin}, {self.vmax}")
 
 
 def _default_predictor(model, contrast: ContrastSetting):
     """The project's predictor for a model (``napari_sam.predictor.SamPredictor``)."""
     from napari_sam.predictor import SamPredictor
+    from napari_sam.preprocess import Contrast
 
-    try:
-        from napari_sam.preprocess import Contrast
-    except ImportError:  # pragma: no cover - predictor without contrast settings
-        return SamPredictor(model)
-    return SamPredictor(model, contrast=_to_contrast(Contrast, contrast))
-
-
-def _to_contrast(cls, setting: ContrastSetting):
-    """Map the GUI setting onto the predictor's ``Contrast`` (by its field names)."""
-    import inspect
-
-    params = inspect.signature(cls).parameters
-    kwargs = {}
-    for name in ("mode", "method", "kind"):
-        if name in params:
-            kwargs[name] = setting.mode
-            break
-    pairs = (("low", "high"), ("lower", "upper"), ("vmin", "vmax"), ("p_low", "p_high"))
-    for lo, hi in pairs:
-        if lo in params and hi in params and setting.mode != "minmax":
-            kwargs[lo], kwargs[hi] = setting.low, setting.high
-            break
-    return cls(**kwargs)
+    c = Contrast(
+        mode=contrast.mode,
+        low=contrast.low,
+        high=contrast.high,
+        vmin=contrast.vmin,
+        vmax=contrast.vmax,
+    )
+    return SamPredictor(model, contrast=c)
 
 
 @dataclass(frozen=True)

@@ -161,18 +161,20 @@ def drop_to_plane(points_nd, key: SliceKey) -> np.ndarray:
     return pts[:, [r, c]].copy()
 
 
-def plane_translate(key: SliceKey, scale: Sequence[float], translate: Sequence[float]):
+def plane_translate(
+    key: SliceKey, scale: Sequence[float], translate: Sequence[float], linear=None
+):
     """Translate for a layer holding only this plane (size 1 on the sliced axes).
 
-    Such a layer, given the image layer's ``scale`` and the returned ``translate`` (and
-    the image's affine), lands exactly on the plane: data index 0 of a sliced axis maps to
-    the image's index ``key[axis]``.
+    Such a layer, given the image layer's ``scale`` (and rotate/shear/affine) and the
+    returned ``translate``, lands exactly on the plane: its data index 0 on a sliced axis
+    maps to where the image's index ``key[axis]`` is. ``linear``: the ``(S, S)`` linear
+    part of the image's data-to-physical transform (rotate @ shear @ diag(scale)); by
+    default ``diag(scale)``.
     """
-    out = np.asarray(translate, dtype=np.float64).copy()
-    for axis, k in enumerate(key):
-        if k is not None:
-            out[axis] += k * float(scale[axis])
-    return out
+    offset = np.array([0.0 if k is None else float(k) for k in key])
+    lin = np.diag(np.asarray(scale, dtype=np.float64)) if linear is None else np.asarray(linear)
+    return np.asarray(translate, dtype=np.float64) + lin @ offset
 
 
 def plane_layer_shape(shape: Sequence[int], key: SliceKey) -> tuple[int, ...]:
