@@ -60,7 +60,8 @@ def _default_predictor(model, contrast: ContrastSetting):
         vmin=contrast.vmin,
         vmax=contrast.vmax,
     )
-    return SamPredictor(model, contrast=c)
+    # cache_bytes=0: the annotator keeps the per-slice embeddings (one cache, one budget)
+    return SamPredictor(model, contrast=c, cache_bytes=0)
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,12 @@ def _registry_choices() -> list[ModelChoice]:
 
 def _untrained_choices() -> list[ModelChoice]:
     try:
-        from napari_sam.model import build  # noqa: F401
+        from napari_sam.model import build
     except ImportError:
         return []
+    configs = getattr(build, "CONFIGS", {})
     out = []
-    for cfg in UNTRAINED_CONFIGS:
+    for cfg in (c for c in UNTRAINED_CONFIGS if c in configs):
 
         def load(device, _cfg=cfg):
             return build_untrained(_cfg, device)

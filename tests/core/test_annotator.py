@@ -322,7 +322,8 @@ def test_cache_is_lru_by_bytes(model):
         ann.compute_embedding((z, None, None))
     assert ann.cached_slices() == [(2, None, None)]  # always keeps the newest
     one = ann._cache[(2, None, None)][1]
-    assert one >= 256 * 16 * 16 * 4  # the features tensor at least
+    h, w = model.prompt_encoder.image_embedding_size
+    assert one >= 256 * h * w * 4  # the features tensor at least
     ann.cache_bytes = 2 * one
     ann.compute_embedding((0, None, None))
     ann.compute_embedding((2, None, None))  # touch: most recent

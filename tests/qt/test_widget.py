@@ -7,7 +7,7 @@ import pytest
 from qtpy.QtCore import QPoint, Qt
 
 from napari_sam.model_choices import UNTRAINED_TAG, ModelChoice
-from tiny_sam import OfficialAdapter, blob_image, make_predictor
+from tiny_sam import blob_image, make_predictor
 
 from .conftest import masks_of, wait_idle
 
@@ -221,27 +221,33 @@ def test_bad_inputs_end_in_messages(open_widget, qtbot):
     assert "nothing to commit" in w.status_text
 
 
-class GatedAdapter(OfficialAdapter):
+class Gated:
     """The real predictor, whose encoder waits for a gate (to act mid-embedding)."""
 
     gate = threading.Event()
 
+    def __init__(self, predictor):
+        self._p = predictor
+
     def set_image(self, image, key=None):
         assert self.gate.wait(30)
-        super().set_image(image)
+        self._p.set_image(image, key)
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
 
 
 @pytest.mark.parametrize("how", ["removed", "replaced"])
 def test_image_removed_or_replaced_while_embedding(make_napari_viewer, qtbot, models, how):
     from napari_sam._qt.widget import SamWidget
 
-    GatedAdapter.gate.clear()
+    Gated.gate.clear()
     gated = ModelChoice(
         "gated",
         f"gated: {UNTRAINED_TAG}",
         lambda d: models(0),
         False,
-        make_predictor=lambda m, c: GatedAdapter(m, c),
+        make_predictor=lambda m, c: Gated(make_predictor(m, c)),
     )
     viewer = make_napari_viewer()
     layer = viewer.add_image(blob_image((48, 64)), name="cells")
@@ -256,7 +262,7 @@ def test_image_removed_or_replaced_while_embedding(make_napari_viewer, qtbot, mo
         new = blob_image((48, 64), centers=((10, 10, 5),), seed=3)
         layer.data = new
         assert "image data changed" in w.banner_text
-    GatedAdapter.gate.set()
+    Gated.gate.set()
     wait_idle(qtbot, w)
     if how == "removed":
         assert w.annotator is None and w.points_layer is None
