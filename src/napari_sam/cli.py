@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("napari_sam._cli_models", "list known model checkpoints and the cache"),
     "download": ("napari_sam._cli_download", "download model checkpoints into the cache"),
+    "demo": ("napari_sam._cli_demo", "open napari with a sample image and the SAM annotator"),
 }
 
 

@@ -203,7 +203,7 @@ def test_rgb_image(open_widget, qtbot, models):
     assert w.objects_layer.data.shape == (40, 50)
 
 
-def test_bad_inputs_end_in_messages(open_widget, qtbot):
+def test_bad_inputs_end_in_messages(open_widget, qtbot, tmp_path):
     viewer, w = open_widget(None)
     assert "No image layer" in w.banner_text and w.annotator is None
     viewer.add_image(np.zeros((2, 3, 16, 16)), name="4d")
@@ -219,6 +219,11 @@ def test_bad_inputs_end_in_messages(open_widget, qtbot):
     assert len(w.points_layer.data) == 0  # the bad point is taken back
     w.commit()
     assert "nothing to commit" in w.status_text
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    w.add_model_file(bad)
+    wait_idle(qtbot, w)
+    assert "Could not load the model" in w.banner_text and "broken.pth" in w.banner_text
 
 
 class Gated:

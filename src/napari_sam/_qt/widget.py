@@ -116,12 +116,15 @@ class SamWidget(QWidget):
     def _build_ui(self):
         self.image_combo = QComboBox()
         self.model_combo = QComboBox()
+        pref = preferred_index(self.models)
+        if pref is None:  # never start a download without the user asking for it
+            self.model_combo.addItem("choose a model (downloaded on first use)", "__none__")
         for c in self.models:
             self.model_combo.addItem(c.label, c.key)
         self.model_combo.addItem("Local checkpoint file...", "__file__")
-        pref = preferred_index(self.models)
         if pref is not None:
-            self.model_combo.setCurrentIndex(pref)
+            self.model_combo.setCurrentIndex(self.model_combo.findData(self.models[pref].key))
+        self._last_model_index = self.model_combo.currentIndex()
         self.device_combo = QComboBox()
         self.device_combo.addItems(available_devices())
         self.contrast_combo = QComboBox()
@@ -323,9 +326,9 @@ class SamWidget(QWidget):
             if path:
                 self.add_model_file(path)
             else:
-                pref = preferred_index(self.models)
-                self.model_combo.setCurrentIndex(pref if pref is not None else 0)
+                self.model_combo.setCurrentIndex(self._last_model_index)
             return
+        self._last_model_index = self.model_combo.currentIndex()
         self._setup()
 
     def add_model_file(self, path) -> None:
@@ -335,8 +338,23 @@ class SamWidget(QWidget):
         self.model_combo.blockSignals(True)
         self.model_combo.insertItem(self.model_combo.count() - 1, choice.label, choice.key)
         self.model_combo.setCurrentIndex(self.model_combo.count() - 2)
+        self._last_model_index = self.model_combo.currentIndex()
         self.model_combo.blockSignals(False)
         self._setup()
+
+    def select_model(self, name_or_path: str) -> None:
+        """Switch to a model by list key (e.g. ``vit_b``) or to a checkpoint file."""
+        idx = self.model_combo.findData(name_or_path)
+        if idx >= 0:
+            self.model_combo.setCurrentIndex(idx)
+        elif os.path.isfile(name_or_path):
+            self.add_model_file(name_or_path)
+        else:
+            known = ", ".join(c.key for c in self.models)
+            self._set_banner(
+                f"Unknown model {name_or_path!r}: pick one of {known}, or give "
+                "the path of a checkpoint file."
+            )
 
     def _choice(self) -> ModelChoice | None:
         key = self.model_combo.currentData()
@@ -361,8 +379,8 @@ class SamWidget(QWidget):
         if choice is None:
             self._teardown(keep_layers=False)
             self._set_banner(
-                "No model available: install napari-sam's model code or add a "
-                "checkpoint file (Model > Local checkpoint file...)."
+                "No model available offline: pick one under Model (downloaded once; sizes "
+                "shown) or 'Local checkpoint file...'."
             )
             return
         device = self.device_combo.currentText()

@@ -90,10 +90,27 @@ class LatestWins:
 
         from napari.qt.threading import create_worker
 
+        def guarded():
+            # napari relays worker exceptions to its notification manager as tracebacks;
+            # bad input must end in the widget's message instead, so errors come back as
+            # values.
+            try:
+                return True, work()
+            except Exception as e:  # noqa: BLE001
+                return False, e
+
+        def returned(outcome):
+            ok, value = outcome
+            if self.closed:
+                return
+            if ok:
+                job.done(value)
+            else:
+                self._report(job, value)
+
         progress = {"desc": job.desc, "total": 0} if self.progress and job.desc else None
-        worker = create_worker(work, _progress=progress)
-        worker.returned.connect(lambda result: None if self.closed else job.done(result))
-        worker.errored.connect(lambda e: self._report(job, e))
+        worker = create_worker(guarded, _progress=progress)
+        worker.returned.connect(returned)
         worker.finished.connect(self._finished)
         self._worker = worker
         worker.start()
