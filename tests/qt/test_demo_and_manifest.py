@@ -47,3 +47,13 @@ def test_widget_is_first_in_manifest_and_opens_without_image(make_napari_viewer,
     assert "No image layer" in widget.banner_text
     widget.select_model("no-such-model")
     assert "Unknown model 'no-such-model'" in widget.banner_text
+
+
+def test_every_key_is_documented():
+    from pathlib import Path
+
+    from napari_sam._qt.widget import KEYS
+
+    usage = (Path(__file__).parents[2] / "docs" / "usage.md").read_text()
+    for k, what in KEYS:
+        assert f"| {k} | {what} |" in usage

@@ -132,6 +132,13 @@ def test_mouse_clicks_keys_commit_undo_redo(open_widget, qtbot, models):
     np.testing.assert_array_equal(ann.prompts.labels, [0])
     key(qtbot, viewer, Qt.Key.Key_C, Qt.KeyboardModifier.ShiftModifier)  # clear
     assert ann.prompts.is_empty and len(w.points_layer.data) == 0
+    # with the image layer active, C still commits (not napari's auto-contrast)
+    viewer.layers.selection.active = layer
+    w.points_layer.add([[40, 50]])
+    wait_idle(qtbot, w)
+    limits = tuple(layer.contrast_limits)
+    key(qtbot, viewer, Qt.Key.Key_C)
+    assert (objects.data == 2).any() and tuple(layer.contrast_limits) == limits
 
 
 def test_stack_slices_embed_once_and_commit_on_the_plane(open_widget, qtbot, models):

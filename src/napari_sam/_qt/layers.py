@@ -194,15 +194,30 @@ def make_candidate_layer(viewer, image_layer, index: int, key, shape):
 
 
 def show_candidate(layer, mask2d, key, shape, name: str, selected: bool) -> None:
-    """Put one candidate mask (``(H, W)`` bool or None) on its layer, on plane ``key``."""
+    """Put one candidate mask (``(H, W)`` bool or None) on its layer, on plane ``key``.
+
+    Writes into the layer's array and refreshes it when the shape fits (cheaper in napari
+    than assigning a new array), attribute changes only when needed.
+    """
     target = plane_layer_shape(shape, key)
-    if mask2d is None:
-        if layer.data.shape != target or layer.data.any():
-            layer.data = np.zeros(target, dtype=np.uint8)
+    data = layer.data
+    if data.shape != target or data.dtype != np.uint8:
+        data = np.zeros(target, dtype=np.uint8)
+        if mask2d is not None:
+            np.copyto(data, mask2d.reshape(target))
+        layer.data = data
+    elif mask2d is None:
+        if data.any():
+            data[...] = 0
+            layer.refresh()
     else:
-        layer.data = mask2d.reshape(target).view(np.uint8)
-    layer.opacity = SELECTED_OPACITY if selected else DIMMED_OPACITY
-    layer.name = name
+        np.copyto(data, mask2d.reshape(target))
+        layer.refresh()
+    opacity = SELECTED_OPACITY if selected else DIMMED_OPACITY
+    if layer.opacity != opacity:
+        layer.opacity = opacity
+    if layer.name != name:
+        layer.name = name
 
 
 def size_names(masks) -> list[str]:

@@ -276,6 +276,11 @@ class SamWidget(QWidget):
         for key, fn in self._keys.items():
             layer.bind_key(key, fn, overwrite=True)
 
+    def _unbind_layer_keys(self, layer):
+        for key, fn in self._keys.items():
+            if layer.keymap.get(_coerce(key)) is fn:
+                layer.keymap.pop(_coerce(key))
+
     def _refresh_images(self):
         current = self.image_combo.currentData()
         self.image_combo.blockSignals(True)
@@ -441,6 +446,7 @@ class SamWidget(QWidget):
             self.annotator.restore_prompts(key, p.points, p.labels, p.box)
         self.image_layer = layer
         layer.events.data.connect(self._on_image_data)
+        self._bind_layer_keys(layer)  # SAM keys also while the image is the active layer
         self._ensure_layers(objects)
         self.viewer.layers.selection.active = self.points_layer
         if not choice.trained:
@@ -458,6 +464,7 @@ class SamWidget(QWidget):
         if self.image_layer is not None:
             with contextlib.suppress(TypeError, ValueError, RuntimeError):
                 self.image_layer.events.data.disconnect(self._on_image_data)
+            self._unbind_layer_keys(self.image_layer)
         self.annotator = None
         if remove_layers or not keep_layers:
             helpers = [self.points_layer, self.box_layer, *self.candidate_layers]
