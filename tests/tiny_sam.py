@@ -14,42 +14,7 @@ from napari_sam.model_choices import ContrastSetting, _default_predictor, build_
 
 
 def tiny_model(seed: int = 0):
-    try:
-        from napari_sam.model.build import CONFIGS
-    except ImportError:
-        CONFIGS = {}
-    if "test_vit" in CONFIGS:
-        return build_untrained("test_vit", "cpu", seed=seed)
-    return _fallback_tiny(seed)
-
-
-def _fallback_tiny(seed):
-    """Until ``build_sam`` configs are merged: the official ViT encoder, tiny, wrapped
-    with the project's prompt encoder and mask decoder."""
-    from functools import partial
-
-    import torch
-
-    from napari_sam.model.build import build_sam_from_parts
-    from reference.official import import_official
-
-    vit = import_official().modeling.ImageEncoderViT
-    torch.manual_seed(seed)
-    encoder = vit(
-        depth=2,
-        embed_dim=64,
-        img_size=128,
-        mlp_ratio=2,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_heads=2,
-        patch_size=16,
-        qkv_bias=True,
-        use_rel_pos=True,
-        global_attn_indexes=[1],
-        window_size=4,
-        out_chans=256,
-    )
-    return build_sam_from_parts(encoder, decoder_mlp_dim=256).eval()
+    return build_untrained("test_vit", "cpu", seed=seed)
 
 
 def make_predictor(model, contrast=None):

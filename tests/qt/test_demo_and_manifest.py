@@ -20,7 +20,7 @@ def test_demo_opens_sample_and_docked_widget(make_napari_viewer, qtbot):
         return
     assert widget.annotator is not None and widget.annotator.has_embedding()
     if UNTRAINED_TAG in widget.model_combo.currentText():
-        assert "UNTRAINED" in widget.status_text
+        assert "UNTRAINED" in widget.model_note.text() and not widget.model_note.isHidden()
     widget.points_layer.add([[100, 100]])
     wait_idle(qtbot, widget)
     assert any(np.asarray(c.data).any() for c in widget.candidate_layers)

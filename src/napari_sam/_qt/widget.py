@@ -136,6 +136,12 @@ class SamWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Contrast", self.contrast_combo)
 
+        self.model_note = QLabel(
+            "UNTRAINED model (testing): its masks are random. Pick a trained model for real work."
+        )
+        self.model_note.setWordWrap(True)
+        self.model_note.setStyleSheet("QLabel { color: #fbbf24; }")
+        self.model_note.hide()
         self.banner = QLabel()
         self.banner.setWordWrap(True)
         self.banner.setStyleSheet(
@@ -197,6 +203,7 @@ class SamWidget(QWidget):
 
         lay = QVBoxLayout(self)
         lay.addLayout(form)
+        lay.addWidget(self.model_note)
         lay.addWidget(self.banner)
         lay.addWidget(self.status)
         lay.addWidget(QLabel("Candidates"))
@@ -381,6 +388,7 @@ class SamWidget(QWidget):
             self._set_banner(f"Image '{layer.name}': {e}")
             return
         choice = self._choice()
+        self.model_note.setVisible(choice is not None and not choice.trained)
         if choice is None:
             self._teardown(keep_layers=False)
             self._set_banner(
@@ -449,11 +457,6 @@ class SamWidget(QWidget):
         self._bind_layer_keys(layer)  # SAM keys also while the image is the active layer
         self._ensure_layers(objects)
         self.viewer.layers.selection.active = self.points_layer
-        if not choice.trained:
-            self._set_status(
-                "Model is UNTRAINED (testing): masks are random. Pick a trained "
-                "model for real work."
-            )
         self._on_dims()
 
     def _teardown(self, keep_layers: bool = True, remove_layers: bool = False):
