@@ -130,6 +130,12 @@ class SamWidget(QWidget):
         self.contrast_combo = QComboBox()
         self.contrast_combo.addItems(list(CONTRASTS))
 
+        for combo in (self.image_combo, self.model_combo, self.device_combo, self.contrast_combo):
+            # long model names must not widen the dock (the canvas needs the room)
+            combo.setSizeAdjustPolicy(
+                QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+            )
+            combo.setMinimumContentsLength(14)
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("Model", self.model_combo)
