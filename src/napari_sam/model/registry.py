@@ -484,6 +484,11 @@ def load_model(
     path = resolve_checkpoint(name_or_path, progress=progress)
     state = load_checkpoint(path)
 
+    from napari_sam.model.small_encoder import load_nsam, looks_like_nsam
+
+    if looks_like_nsam(state):  # the project's own model: config in the .json beside it
+        return load_nsam(path).to(target).eval()
+
     from napari_sam.model.build import build_sam, detect_model_type
 
     try:
