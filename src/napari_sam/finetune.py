@@ -95,8 +95,12 @@ class FinetuneConfig:
     correction rounds per object after the first prompt (0..max_rounds); box_prob:
     probability that the first prompt is a box; eval_clicks: corrective clicks in the
     evaluation; eval_max_objects: at most this many held-out objects per image (None: all);
-    min_area: objects smaller than this (pixels) are ignored; seed: split and training
-    randomness; threads: torch threads (None: leave as is).
+    min_area: objects smaller than this (pixels) are ignored; canvas: training frame side
+    for the project's own (nsam) models, whose weights do not depend on the frame (None:
+    the model's input size; a smaller frame trains several times faster, the evaluation
+    and the saved model always use the model's own size); official SAM models always
+    train in their own frame; seed: split and training randomness; threads: torch
+    threads (None: leave as is).
     """
 
     steps: int = 200
@@ -112,6 +116,7 @@ class FinetuneConfig:
     eval_clicks: int = 3
     eval_max_objects: int | None = 40
     min_area: int = 20
+    canvas: int | None = 256
     seed: int = 0
     threads: int | None = None
 
@@ -130,6 +135,8 @@ class FinetuneConfig:
         for name in ("images_per_step", "objects_per_image"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.canvas is not None and (self.canvas < 64 or self.canvas % 32):
+            raise ValueError(f"canvas must be a multiple of 32 and >= 64, got {self.canvas!r}")
         if self.max_rounds < 0 or self.eval_clicks < 0 or self.min_area < 1:
             raise ValueError("max_rounds and eval_clicks must be >= 0 and min_area >= 1")
         if not 0.0 <= self.box_prob <= 1.0:
@@ -516,7 +523,11 @@ def finetune(
     stop = should_stop or (lambda: False)
 
     work = copy.deepcopy(model).to("cpu").float().eval()
-    canvas = int(work.image_encoder.img_size)
+    img_size = int(work.image_encoder.img_size)
+    canvas = img_size
+    resizable = getattr(work, "nsam_config", None) is not None
+    if resizable and cfg.canvas is not None:
+        canvas = min(img_size, int(cfg.canvas))
 
     def evaluate(stage):
         n = len(split.test_images)
@@ -583,7 +594,15 @@ def finetune(
         )
         source = loop.ArraySource(split.train_images, split.train_labels, canvas)
         emit({"stage": "train", "done": 0, "total": cfg.steps})
-        loop.train(tcfg, callback=on_event, source=source, should_stop=stop, model=work)
+        if canvas != img_size:
+            from napari_sam.model.small_encoder import set_canvas
+
+            set_canvas(work, canvas)
+        try:
+            loop.train(tcfg, callback=on_event, source=source, should_stop=stop, model=work)
+        finally:
+            if canvas != img_size:
+                set_canvas(work, img_size)
     work.eval()
     for p in work.parameters():
         p.requires_grad_(False)

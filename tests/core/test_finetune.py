@@ -368,3 +368,25 @@ def test_bad_settings_and_too_few_objects():
         finetune(_tiny_random(), img, lab, save_to="model.ckpt")
     with pytest.raises(TypeError, match="SAM model"):
         finetune(torch.nn.Linear(2, 2), img, lab)
+
+
+def test_smaller_training_frame_is_restored_after_training(tmp_path):
+    from napari_sam import load_model
+    from napari_sam.model.small_encoder import build_nsam
+
+    torch.manual_seed(0)
+    model = build_nsam({**TINY, "img_size": 128})
+    images, labels = _data("nuclei", 100, 2, shape=(128, 128))
+    cfg = FinetuneConfig(steps=2, canvas=64, **SHORT)
+    res = finetune(model, images, labels, cfg, save_to=tmp_path / "small.pt")
+    pe = res.model.prompt_encoder
+    assert res.model.image_encoder.img_size == 128 and pe.input_image_size == (128, 128)
+    assert pe.image_embedding_size == (16, 16) and pe.mask_input_size == (64, 64)
+    assert res.config["canvas"] == 64
+    loaded = load_model(tmp_path / "small.pt", device="cpu")
+    assert loaded.image_encoder.img_size == 128
+    assert evaluate_held_out(loaded, images[:1], labels[:1], 1) == pytest.approx(
+        evaluate_held_out(res.model, images[:1], labels[:1], 1)
+    )
+    with pytest.raises(ValueError, match="multiple of 32"):
+        finetune(model, images, labels, FinetuneConfig(canvas=100))
