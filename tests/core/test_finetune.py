@@ -108,6 +108,7 @@ def finetuned(nuclei_model, tmp_path_factory):
     return result, events, out, before_state, (images, labels)
 
 
+@pytest.mark.slow  # shares the ~15 s (CPU) fine-tuning run of `finetuned`
 def test_finetuning_improves_held_out_box_and_point_iou(finetuned):
     result, events, _, _, _ = finetuned
     assert not result.cancelled and result.steps == 100 and len(result.losses) == 100
@@ -132,12 +133,14 @@ def test_finetuning_improves_held_out_box_and_point_iou(finetuned):
     assert all(e["total"] == 100 for e in train)
 
 
+@pytest.mark.slow  # shares the ~15 s (CPU) fine-tuning run of `finetuned`
 def test_base_model_is_not_modified(finetuned, nuclei_model):
     _, _, _, before_state, _ = finetuned
     for k, v in nuclei_model.state_dict().items():
         assert torch.equal(v, before_state[k]), k
 
 
+@pytest.mark.slow  # shares the ~15 s (CPU) fine-tuning run of `finetuned`
 def test_frozen_parts_are_unchanged_and_decoder_changed(finetuned, nuclei_model):
     result = finetuned[0]
     new, old = result.model.state_dict(), nuclei_model.state_dict()
@@ -148,6 +151,7 @@ def test_frozen_parts_are_unchanged_and_decoder_changed(finetuned, nuclei_model)
     assert len(changed) > 10
 
 
+@pytest.mark.slow  # shares the ~15 s (CPU) fine-tuning run of `finetuned`
 def test_saved_checkpoint_reloads_with_load_model_and_gives_the_same_outputs(finetuned):
     from napari_sam import load_model
     from napari_sam.predictor import SamPredictor
@@ -176,6 +180,7 @@ def test_saved_checkpoint_reloads_with_load_model_and_gives_the_same_outputs(fin
     assert again == pytest.approx(result.after)
 
 
+@pytest.mark.slow  # shares the ~15 s (CPU) fine-tuning run of `finetuned`
 def test_existing_file_is_refused_before_training(finetuned):
     path = finetuned[2]
     images, labels = _data("nuclei", 1, 2)
