@@ -62,3 +62,20 @@ def test_missing_files_are_hidden_and_unreadable_lists_survive(cache, tmp_path):
 def test_adding_a_missing_file_is_refused(cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         add_user_model(tmp_path / "nope.pt")
+
+
+def test_user_models_appear_in_the_gui_model_list(cache, tmp_path):
+    import torch
+
+    from napari_sam.model.build import build_sam
+    from napari_sam.model_choices import default_choices
+
+    torch.manual_seed(0)
+    model = build_sam("test_vit")
+    torch.save(model.state_dict(), tmp_path / "tuned.pt")
+    add_user_model(tmp_path / "tuned.pt", "my tuned")
+    (choice,) = [c for c in default_choices() if c.key.startswith("user:")]
+    assert choice.label == "my tuned (your model)" and choice.trained
+    loaded = choice.load("cpu")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
