@@ -105,14 +105,24 @@ def image(size: int) -> np.ndarray:
 
 
 def stats(ts):
-    ms = [t * 1e3 for t in ts]
-    return statistics.median(ms), min(ms), max(ms)
+    """(median, min, max) wall ms and median CPU ms (None unless torch runs 1 thread)."""
+    wall = [t[0] * 1e3 for t in ts]
+    cpu = [t[1] * 1e3 for t in ts if t[1] is not None]
+    med_cpu = statistics.median(cpu) if cpu else None
+    return statistics.median(wall), min(wall), max(wall), med_cpu
 
 
 def timed(fn):
-    t = time.perf_counter()
+    """((wall s, CPU s of this thread or None), result).
+
+    With one torch thread all compute runs on the calling thread, so its CPU time is the
+    work done, unaffected by other processes competing for the cores.
+    """
+    one = torch.get_num_threads() == 1
+    c, t = time.thread_time(), time.perf_counter()
     out = fn()
-    return time.perf_counter() - t, out
+    wall, cpu = time.perf_counter() - t, time.thread_time() - c
+    return (wall, cpu if one else None), out
 
 
 def bench_model(name, args, rows, notes):
@@ -215,10 +225,11 @@ def memory_rows(models, whos, size) -> list[tuple]:
 
 
 def table(rows) -> str:
-    head = "| model | predictor | step | median ms | min ms | max ms |"
-    lines = [head, "|---|---|---|---:|---:|---:|"]
-    for name, who, step, med, lo, hi in rows:
-        lines.append(f"| {name} | {who} | {step} | {med:.1f} | {lo:.1f} | {hi:.1f} |")
+    head = "| model | predictor | step | median ms | min ms | max ms | median CPU ms |"
+    lines = [head, "|---|---|---|---:|---:|---:|---:|"]
+    for name, who, step, med, lo, hi, cpu in rows:
+        c = "" if cpu is None else f"{cpu:.1f}"
+        lines.append(f"| {name} | {who} | {step} | {med:.1f} | {lo:.1f} | {hi:.1f} | {c} |")
     return "\n".join(lines)
 
 
@@ -234,11 +245,14 @@ def mem_table(mrows) -> str:
 
 def ratios(rows) -> list[str]:
     out = []
-    med = {(r[0], r[1], r[2]): r[3] for r in rows}
-    for (name, who, step), v in med.items():
+    med = {(r[0], r[1], r[2]): (r[3], r[6]) for r in rows}
+    for (name, who, step), (v, c) in med.items():
         if who.startswith("ours") and (name, "official", step) in med:
-            r = v / med[(name, "official", step)]
-            out.append(f"{name} {step}: {who} / official = {r:.2f}")
+            rv, rc = med[(name, "official", step)]
+            line = f"{name} {step}: {who} / official = {v / rv:.2f} (wall)"
+            if c is not None and rc:
+                line += f", {c / rc:.2f} (CPU)"
+            out.append(line)
     return out
 
 
@@ -311,6 +325,10 @@ def main(argv=None) -> int:
             f"Load average at start / end: {load0[0]:.2f} / {load1[0]:.2f}; "
             f"benchmark wall time {wall:.0f} s.",
             f"Command: `{cmd.strip()}`",
+            "",
+            "Wall times include waiting for the CPU when other processes compete for it; "
+            "with `--threads 1` the CPU column (this thread's CPU time, all of torch's work) "
+            "is the load-independent cost.",
             "",
             table(rows),
             "",
