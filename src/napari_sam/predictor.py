@@ -327,7 +327,9 @@ class SamPredictor:
             pe = self.model.prompt_encoder
             image_pe = pe.get_dense_pe().to(self.device)
             _, no_mask = pe(points=None, boxes=None, masks=None)
-            self._prepared = _fast_decoder.prepare(self._embedding.features, image_pe, no_mask)
+            self._prepared = _fast_decoder.prepare(
+                self._embedding.features, image_pe, no_mask, self.model.mask_decoder
+            )
         return self._prepared
 
     # ------------------------------------------------------------------ prediction

@@ -7,6 +7,7 @@ encoder and mask decoder and random weights, so everything runs in seconds on a 
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -509,7 +510,10 @@ def test_fast_decoder_matches_the_module(sam, official, which):
     with torch.inference_mode():
         image_pe = pe.get_dense_pe()
         _, no_mask = pe(points=None, boxes=None, masks=None)
-        prep = _fast_decoder.prepare(emb, image_pe, no_mask)
+        # with the decoder: the first block's image projections are precomputed
+        preps = [_fast_decoder.prepare(emb, image_pe, no_mask, dec)]
+        preps.append(_fast_decoder.prepare(emb, image_pe, no_mask))
+        assert preps[0].first_k is not None and preps[1].first_k is None
         pts = (torch.rand(2, 3, 2, generator=gen) * S, torch.tensor([[1, 0, 1], [1, 1, 0]]))
         boxes = torch.tensor([[5.0, 8.0, 90.0, 100.0], [20.0, 30.0, 60.0, 70.0]])
         masks = torch.randn(2, 1, 32, 32, generator=gen)
@@ -528,14 +532,22 @@ def test_fast_decoder_matches_the_module(sam, official, which):
         ]
         for kw in cases:
             sparse, dense = pe(**kw)
-            for multi in (True, False):
+            for multi, prep, ws in itertools.product(
+                (True, False), preps, (None, _fast_decoder.Workspace())
+            ):
                 ref_m, ref_i = dec(emb, image_pe, sparse, dense, multi)
-                m, i = _fast_decoder.decode(
-                    dec, prep, sparse, None if kw["masks"] is None else dense, multi
-                )
+                dense_arg = None if kw["masks"] is None else dense
+                m, i = _fast_decoder.decode(dec, prep, sparse, dense_arg, multi, ws=ws)
                 assert m.shape == ref_m.shape and i.shape == ref_i.shape
                 _close(m, ref_m)
                 _close(i, ref_i)
+                if ws is not None:  # results never alias the reused scratch buffers
+                    kept = m.clone()
+                    other = pe(points=None, boxes=boxes[1:] * 0.5, masks=None)[0]
+                    _fast_decoder.decode(
+                        dec, prep, other.expand(m.shape[0], -1, -1), None, multi, ws=ws
+                    )
+                    assert torch.equal(m, kept)
 
 
 def test_fast_decoder_can_be_switched_off(sam):
