@@ -277,6 +277,7 @@ class Prepared:
 
     image_embeddings: (1, C, h, w); image_pe: (1, C, h, w) dense positional encoding;
     no_mask_dense: (1, C, h, w) the prompt encoder's dense embedding without a mask prompt;
+    image_tokens: (1, h*w, C) the embedding as row-major tokens;
     keys: (1, h*w, C) image tokens + no-mask embedding; keys_pe: keys + positional encoding;
     key_pe: (1, h*w, C) positional encoding as tokens.
     first_k, first_v: (1, heads, h*w, d) the first block's token -> image keys and values
@@ -288,6 +289,7 @@ class Prepared:
     image_embeddings: Tensor
     image_pe: Tensor
     no_mask_dense: Tensor
+    image_tokens: Tensor
     keys: Tensor
     keys_pe: Tensor
     key_pe: Tensor
@@ -308,10 +310,11 @@ def prepare(
     mask_decoder: nn.Module | None = None,
 ) -> Prepared:
     """Precompute the image-side tensors of the first decoder block (no mask prompt)."""
-    keys = (image_embeddings + no_mask_dense).flatten(2).transpose(1, 2).contiguous()
+    tokens = image_embeddings.flatten(2).transpose(1, 2).contiguous()
+    keys = tokens + no_mask_dense.flatten(2).transpose(1, 2)
     key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
     keys_pe = keys + key_pe
-    prep = Prepared(image_embeddings, image_pe, no_mask_dense, keys, keys_pe, key_pe)
+    prep = Prepared(image_embeddings, image_pe, no_mask_dense, tokens, keys, keys_pe, key_pe)
     if mask_decoder is not None and supports_fast_path(mask_decoder):
         blk = mask_decoder.transformer.layers[0]
         t2i, i2t = blk.cross_attn_token_to_image, blk.cross_attn_image_to_token
@@ -368,9 +371,10 @@ def decode(
     if dense_prompt_embeddings is None:  # batch-1 image tokens until the first update
         keys, keys_pe = prepared.keys, prepared.keys_pe
     else:
-        keys = (prepared.image_embeddings + dense_prompt_embeddings).flatten(2).transpose(1, 2)
-        keys = keys.contiguous()  # B x hw x C
-        keys_pe = keys + key_pe
+        dense = dense_prompt_embeddings.flatten(2).transpose(1, 2)  # B x hw x C (a view)
+        keys = _buffer(ws, "keys", dense.shape, dense)
+        torch.add(prepared.image_tokens, dense, out=keys)
+        keys_pe = torch.add(keys, key_pe, out=_buffer(ws, "keys_pe", keys.shape, keys))
     queries = tokens
     for i, blk in enumerate(tr.layers):
         if blk.skip_first_layer_pe:
