@@ -28,6 +28,22 @@ RECIPES: dict[str, list[dict]] = {
             "threads": 1,
             "seed": 0,
         },
+        {  # continued training from phase 0's best weights: warm restart at half the lr
+            "canvas": 160,
+            "steps": 1000,
+            "images_per_step": 4,
+            "objects_per_image": 6,
+            "max_rounds": 3,
+            "scale_range": [0.5, 1.8],
+            "uint8_passthrough": 0.7,
+            "lr": 5e-4,
+            "warmup": 50,
+            "eval_every": 200,
+            "eval_images": 20,
+            "ckpt_every": 25,
+            "threads": 1,
+            "seed": 1,
+        },
     ],
 }
 
