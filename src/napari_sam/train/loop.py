@@ -23,7 +23,6 @@ The entry point :func:`train` takes a :class:`TrainConfig` and an optional progr
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -660,8 +659,3 @@ def load_best(path) -> dict:
     ck = load_checkpoint(path)
     model = build_nsam(ck["model_config"], checkpoint=ck["model"])
     return {"model": model, "metrics": ck.get("metrics") or ck.get("best", {}).get("metrics")}
-
-
-def model_copy(model):
-    """Deep copy of a model (for before/after comparisons)."""
-    return copy.deepcopy(model)
