@@ -289,3 +289,25 @@ def test_image_removed_or_replaced_while_embedding(make_napari_viewer, qtbot, mo
                 models(0), new, point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1])
             )[0],
         )
+
+
+def test_scrolling_skips_stale_slices_and_commit_waits_for_the_decoder(open_widget, qtbot):
+    vol = blob_image((6, 48, 64))
+    viewer, w = open_widget(vol)
+    ann = w.annotator
+    first = ann.key[0]
+    zs = [z for z in range(6) if z != first][:4]
+    start = ann.encoder_runs
+    for z in zs:  # fast scrolling: no event loop between the steps
+        viewer.dims.set_current_step(0, z)
+    wait_idle(qtbot, w)
+    assert ann.key == (zs[-1], None, None) and ann.has_embedding()
+    assert not any(ann.has_embedding((z, None, None)) for z in zs[1:3])
+    assert ann.encoder_runs - start == 2  # the first step (already running) and the last
+    viewer.dims.set_current_step(0, 4)
+    wait_idle(qtbot, w)
+    w.points_layer.add([[4, 24, 30]])
+    w.commit()  # before the decoder has delivered
+    assert "as soon as" in w.status_text and not w.objects_layer.data[4].any()
+    wait_idle(qtbot, w)
+    assert w.objects_layer.data[4].any() and ann.prompts.is_empty
