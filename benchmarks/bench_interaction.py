@@ -16,15 +16,21 @@ Weights are random: timings do not depend on them.
 Run (needs a display; on a headless machine use Xvfb):
 
     xvfb-run -a python benchmarks/bench_interaction.py [--events 30] [--sizes 1024 4096]
+        [--canvas shown hidden] [--modes worker qt] [--write-docs]
+
+``--write-docs`` replaces the table between the bench_interaction markers in
+docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -154,6 +160,37 @@ def bench_size(viewer, widget_cls, choice, size, events, threaded):
     }
 
 
+DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+START, END = "<!-- bench_interaction:start -->", "<!-- bench_interaction:end -->"
+
+
+def table(rows) -> list[str]:
+    out = [
+        "| slice | canvas | decoder runs in | event -> candidate layers, median (ms) | p90 (ms) "
+        "| decoder call (ms) | write 3 layers (ms) | predictor.predict alone (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['size']} x {r['size']} | {r['canvas']} | {r['mode']} | {r['median']:.0f} | "
+            f"{r['p90']:.0f} | {r['decode']:.0f} | {r['layers']:.0f} | {r['predict_only']:.0f} |"
+        )
+    return out
+
+
+def write_docs(text: str) -> None:
+    section = f"{START}\n{text}\n{END}"
+    if DOC.exists():
+        doc = DOC.read_text()
+        if START in doc and END in doc:
+            doc = doc[: doc.index(START)] + section + doc[doc.index(END) + len(END) :]
+        else:
+            doc = doc.rstrip() + "\n\n" + section + "\n"
+    else:
+        doc = "# Performance\n\n" + section + "\n"
+    DOC.write_text(doc)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=30)
@@ -167,11 +204,14 @@ def main(argv=None):
         "(NAPARI_SAM_NO_THREADS=1)",
     )
     ap.add_argument(
-        "--hidden",
-        action="store_true",
-        help="do not show the window: measures without rendering (software OpenGL under "
-        "Xvfb renders on the same CPU cores as the decoder)",
+        "--canvas",
+        nargs="+",
+        default=["shown"],
+        choices=["shown", "hidden"],
+        help="hidden: the window is not shown, so nothing is rendered (software OpenGL "
+        "under Xvfb renders on the same CPU cores as the decoder)",
     )
+    ap.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
     args = ap.parse_args(argv)
 
     import napari
@@ -187,38 +227,38 @@ def main(argv=None):
         lambda device: model[0] if model else model.append(build_model()) or model[0],
         trained=False,
     )
-    viewer = napari.Viewer(show=not args.hidden)
     load_before = os.getloadavg()[0]
-    rows = [
-        bench_size(viewer, SamWidget, choice, s, args.events, mode == "worker")
-        for s in args.sizes
-        for mode in args.modes
-    ]
-    viewer.close()
+    t0 = time.perf_counter()
+    rows = []
+    for canvas in args.canvas:
+        viewer = napari.Viewer(show=canvas == "shown")
+        for s in args.sizes:
+            for mode in args.modes:
+                r = bench_size(viewer, SamWidget, choice, s, args.events, mode == "worker")
+                r["canvas"] = canvas
+                rows.append(r)
+        viewer.close()
     import torch
 
-    canvas = "hidden (no rendering)" if args.hidden else "shown"
-    print(
-        f"# bench_interaction: {args.events} point events per size, embedding cached, "
-        f"canvas {canvas}"
+    env = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+        f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, "
+        f"{time.perf_counter() - t0:.0f} s, python {sys.version.split()[0]}, "
+        f"napari {napari.__version__}, Qt platform {os.environ.get('QT_QPA_PLATFORM', 'xcb')}"
     )
-    print(
-        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} "
-        f"CPUs, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-        f"load avg {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, "
-        f"python {sys.version.split()[0]}"
+    cmd = "xvfb-run -a python benchmarks/bench_interaction.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
     )
-    print(
-        "| slice | decoder runs in | event -> candidate layers, median (ms) | p90 (ms) "
-        "| decoder call (ms) | write 3 layers (ms) | predictor.predict alone (ms) | target |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        target = "< 50 ms" if r["size"] <= 1024 else "-"
-        print(
-            f"| {r['size']} x {r['size']} | {r['mode']} | {r['median']:.1f} | {r['p90']:.1f} | "
-            f"{r['decode']:.1f} | {r['layers']:.1f} | {r['predict_only']:.1f} | {target} |"
-        )
+    lines = [
+        f"`{cmd}` ({args.events} point events per row, embedding cached; {env})",
+        "",
+        *table(rows),
+    ]
+    print("\n".join(lines))
+    if args.write_docs:
+        write_docs("\n".join(lines))
 
 
 if __name__ == "__main__":
