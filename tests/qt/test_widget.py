@@ -193,6 +193,20 @@ def test_change_model_recomputes_with_the_new_weights(open_widget, qtbot, models
         )[0],
     )
     assert UNTRAINED_TAG in w.model_combo.currentText()
+    # contrast from the layer's contrast limits: a window for the predictors, new embedding
+    layer = viewer.layers[0]
+    layer.contrast_limits = (150.0, 900.0)
+    runs = models(1).counter.count
+    w.contrast_combo.setCurrentText("layer contrast limits")
+    wait_idle(qtbot, w)
+    c = w.annotator.predictor.contrast
+    assert (c.mode, c.vmin, c.vmax) == ("window", 150.0, 900.0)
+    assert w.annotator.encoder.contrast.vmax == 900.0
+    assert models(1).counter.count == runs + 1
+    assert len(w.annotator.prompts.points) == 1 and masks_of(w).any()
+    w.device_combo.setCurrentText("cpu")
+    wait_idle(qtbot, w)
+    assert w._model[:2] == ("tiny-b", "cpu") and w.annotator.has_embedding()
 
 
 def test_rgb_image(open_widget, qtbot, models):

@@ -232,7 +232,7 @@ class SamWidget(QWidget):
         self.image_combo.currentIndexChanged.connect(lambda *_: self._setup())
         self.model_combo.currentIndexChanged.connect(self._on_model_combo)
         self.device_combo.currentIndexChanged.connect(lambda *_: self._setup())
-        self.contrast_combo.currentIndexChanged.connect(lambda *_: self._setup(keep_model=True))
+        self.contrast_combo.currentIndexChanged.connect(lambda *_: self._setup())
 
     # ============================================================ viewer events
     def _connect_viewer(self):
@@ -385,7 +385,7 @@ class SamWidget(QWidget):
         key = self.model_combo.currentData()
         return next((c for c in self.models if c.key == key), None)
 
-    def _setup(self, keep_model: bool = True, keep_banner: bool = False):
+    def _setup(self, keep_banner: bool = False):
         """(Re)build the session for the selected image, model, device and contrast."""
         if not keep_banner:
             self._set_banner("")
