@@ -470,20 +470,20 @@ def generate_masks(
 ) -> list[MaskRecord]:
     """All masks of one image (possibly overlapping), highest score first.
 
-    predictor: a SamPredictor. image: (H, W) or (H, W, 3) - set on the predictor (whose
+    predictor: a SamPredictor. image: (H, W) or (H, W, 3), set on the predictor (whose
     cache makes a repeated image free); None uses the image already set on the predictor
-    (required for crop layers: no). progress(done, total) is called after each batch of
+    (not possible with crop layers). progress(done, total) is called after each batch of
     points; should_cancel() is polled as often and raises :class:`Cancelled` when True.
     """
     from napari_sam._point_decoder import PointDecoder
 
     p = params or AutomaticParams()
+    model = _model_of(predictor)
     image = _prepare_image(image)
     if image is not None:
         predictor.set_image(image)
     elif p.crop_n_layers > 0:
         raise ValueError("crop layers need the image: pass image=... to generate_masks")
-    model = _model_of(predictor)
     emb = _read_embedding(predictor)
     shape = emb.original_size
     boxes, layers = amg_ops.crop_boxes(shape, p.crop_n_layers, p.crop_overlap_ratio)

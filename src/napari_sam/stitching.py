@@ -3,14 +3,17 @@
 Rule (applied slice by slice, z = 0, 1, ...):
 
 1. For every 2-D instance ``b`` of slice z and every 3-D object ``a`` present in slice
-   z - 1, compute ``IoU(a, b) = |a & b| / |a | b|`` of their pixels.
-2. Pairs with IoU >= ``iou_threshold`` are candidates; a one-to-one assignment maximising
-   the summed IoU of the chosen pairs (Hungarian algorithm) links each matched ``b`` to its
-   ``a``. So an object continues into the instance that overlaps it best, and two touching
-   objects - two instances in every slice - keep two ids even where they touch.
+   z - 1, measure their overlap ``|a & b| / min(|a|, |b|)`` (the fraction of the smaller
+   one covered by the other) and their ``IoU = |a & b| / |a | b|``.
+2. Pairs with overlap >= ``overlap_threshold`` are candidates. A one-to-one assignment of
+   candidates maximising the summed IoU (Hungarian algorithm) links each matched ``b`` to
+   its ``a``: an object continues into the instance that fits it best, and two touching
+   objects - two instances in every slice - keep two ids. The overlap (not the IoU)
+   decides whether a link is possible, so that the small caps at the ends of a round object
+   still join it.
 3. With ``max_gap`` > 1, instances still unmatched are compared the same way with the
-   objects last seen in slice z - 2, ..., z - max_gap (an object missed in a slice or two
-   is bridged).
+   objects last seen in slice z - 2, ..., z - max_gap: an object missed by the 2-D
+   segmentation in a slice is bridged.
 4. Unmatched instances start new objects.
 
 At the end, objects present in fewer than ``min_z_extent`` slices are removed, and ids are
@@ -30,28 +33,31 @@ __all__ = ["StitchParams", "Stitcher", "stitch_slices", "overlap_iou"]
 
 @dataclass(frozen=True)
 class StitchParams:
-    """iou_threshold: minimal IoU between an object in a previous slice and an instance in
-    the current slice to link them. max_gap: how many slices back to look for an object to
-    continue (1 = only the previous slice). min_z_extent: objects present in fewer slices
-    are dropped (1 keeps all)."""
+    """overlap_threshold: minimal ``|a & b| / min(|a|, |b|)`` between an object in a
+    previous slice and an instance in the current slice to link them. max_gap: how many
+    slices back to look for an object to continue (1 = only the previous slice).
+    min_z_extent: objects present in fewer slices are dropped (1 keeps all)."""
 
-    iou_threshold: float = 0.3
-    max_gap: int = 1
+    overlap_threshold: float = 0.5
+    max_gap: int = 2
     min_z_extent: int = 2
 
     def __post_init__(self):
-        if not 0 < self.iou_threshold <= 1:
-            raise ValueError(f"iou_threshold must be in (0, 1], got {self.iou_threshold!r}")
+        if not 0 < self.overlap_threshold <= 1:
+            raise ValueError(
+                f"overlap_threshold must be in (0, 1], got {self.overlap_threshold!r}"
+            )
         if self.max_gap < 1:
             raise ValueError(f"max_gap must be >= 1, got {self.max_gap!r}")
         if self.min_z_extent < 1:
             raise ValueError(f"min_z_extent must be >= 1, got {self.min_z_extent!r}")
 
 
-def overlap_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """IoU between the instances of two label images of the same shape.
+def overlap_iou(a: np.ndarray, b: np.ndarray):
+    """Overlap and IoU between the instances of two label images of the same shape.
 
-    Returns (ids_a (N,), ids_b (M,), iou (N, M)) for the nonzero ids present in each.
+    Returns (ids_a (N,), ids_b (M,), overlap (N, M), iou (N, M)) for the nonzero ids present
+    in each; overlap = intersection / smaller area.
     """
     if a.shape != b.shape:
         raise ValueError(f"label images differ in shape: {a.shape} vs {b.shape}")
@@ -61,17 +67,19 @@ def overlap_iou(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     np.add.at(inter, (inv_a, inv_b), 1)
     union = area_a[:, None] + area_b[None, :] - inter
     iou = inter / np.maximum(union, 1)
+    overlap = inter / np.maximum(np.minimum(area_a[:, None], area_b[None, :]), 1)
     sa, sb = ids_a != 0, ids_b != 0
-    return ids_a[sa], ids_b[sb], iou[np.ix_(sa, sb)]
+    sel = np.ix_(sa, sb)
+    return ids_a[sa], ids_b[sb], overlap[sel], iou[sel]
 
 
-def _match(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
-    """One-to-one pairs (row, col) maximising summed IoU among entries >= threshold."""
+def _match(overlap: np.ndarray, iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
+    """One-to-one pairs (row, col) maximising summed IoU among pairs with overlap >= t."""
     from scipy.optimize import linear_sum_assignment
 
     if iou.size == 0:
         return []
-    w = np.where(iou >= threshold, iou, 0.0)
+    w = np.where(overlap >= threshold, iou, 0.0)
     rows, cols = linear_sum_assignment(w, maximize=True)
     return [(r, c) for r, c in zip(rows, cols, strict=True) if w[r, c] > 0]
 
@@ -107,8 +115,8 @@ class Stitcher:
                 prev = np.where(np.isin(prev, stale), prev, 0)
                 prev[np.isin(prev, list(assigned.values()))] = 0
             cur = np.where(np.isin(labels, list(assigned)), 0, labels)
-            ia, ib, iou = overlap_iou(prev, cur)
-            for r, c in _match(iou, self.p.iou_threshold):
+            ia, ib, overlap, iou = overlap_iou(prev, cur)
+            for r, c in _match(overlap, iou, self.p.overlap_threshold):
                 assigned[int(ib[c])] = int(ia[r])
         uniq, inv = np.unique(labels.ravel(), return_inverse=True)
         lut = np.zeros(len(uniq), dtype=np.int64)
