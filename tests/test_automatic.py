@@ -17,14 +17,14 @@ from napari_sam.automatic import (
 from napari_sam.stitching import StitchParams
 
 # accept every candidate: random weights give meaningless scores
-PERMISSIVE = dict(
-    pred_iou_thresh=-1e9,
-    stability_score_thresh=0.0,
-    min_region_area=0,
-    min_object_area=0,
-    max_area_fraction=1.0,
-    precision="float32",
-)
+PERMISSIVE = {
+    "pred_iou_thresh": -1e9,
+    "stability_score_thresh": 0.0,
+    "min_region_area": 0,
+    "min_object_area": 0,
+    "max_area_fraction": 1.0,
+    "precision": "float32",
+}
 
 
 def _rgb(img):

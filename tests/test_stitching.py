@@ -78,7 +78,7 @@ def test_overlap_threshold_controls_linking():
     lab2d = np.zeros((2, 10, 20), dtype=np.int32)
     lab2d[0, 0:10, 0:10] = 1
     lab2d[1, 0:10, 6:16] = 1  # overlap 40 / 100 = .4
-    st = dict(min_z_extent=1, max_gap=1)
+    st = {"min_z_extent": 1, "max_gap": 1}
     assert stitch_slices(lab2d, StitchParams(overlap_threshold=0.35, **st)).max() == 1
     assert stitch_slices(lab2d, StitchParams(overlap_threshold=0.45, **st)).max() == 2
 
