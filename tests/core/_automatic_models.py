@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from functools import partial
+from pathlib import Path
+
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 
 def tiny_official_sam(img_size: int = 256, dim: int = 32, seed: int = 0):
@@ -15,7 +21,7 @@ def tiny_official_sam(img_size: int = 256, dim: int = 32, seed: int = 0):
 
     from reference.official import import_official
 
-    sa = import_official()
+    sa = import_official()  # noqa: F841 - also makes segment_anything importable
     from segment_anything.modeling import (
         ImageEncoderViT,
         MaskDecoder,
@@ -56,3 +62,14 @@ def tiny_official_sam(img_size: int = 256, dim: int = 32, seed: int = 0):
         ),
     ).eval()
     return sam, sa
+
+
+def project_predictor(config: str = "test_vit", seed: int = 0):
+    """The project's SamPredictor on a tiny random-init model (128 px input, 8 x 8 embedding)."""
+    import torch
+
+    from napari_sam.model.build import build_sam
+    from napari_sam.predictor import SamPredictor
+
+    torch.manual_seed(seed)
+    return SamPredictor(build_sam(config).eval())

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from _automatic_models import tiny_official_sam
+
 from napari_sam._point_decoder import PointDecoder, resolve_dtype
 
 
