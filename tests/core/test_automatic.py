@@ -220,3 +220,26 @@ def test_instance_f1_on_synthetic_scenes_with_default_model():
         lab = segment_slice(predictor, img, AutomaticParams())
         f1.append(instance_scores(gt, lab)["f1"])
     assert np.mean(f1) > 0.5, f1
+
+
+def test_imports_are_light():
+    """torch loads only when segmentation runs (the widget module is a manifest python_name)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, napari_sam.automatic, napari_sam.stitching, napari_sam.amg_ops,"
+        " napari_sam.instance_metrics, napari_sam._cli_segment_all,"
+        " napari_sam._qt.automatic_widget;"
+        "print(','.join(m for m in ('torch', 'napari') if m in sys.modules))"
+    )
+    src = str(Path(__file__).parents[2] / "src")
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": src},
+    )
+    assert out.stdout.strip() == ""
