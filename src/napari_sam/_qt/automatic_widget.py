@@ -321,7 +321,9 @@ class AutomaticWidget(QWidget):
             return
         shape = image_layer.data.shape[:-1] if image_layer.rgb else image_layer.data.shape
         ndim = len(shape)
-        existing = self.viewer.layers.get(LAYER_NAME, None)
+        existing = None
+        if LAYER_NAME in self.viewer.layers:  # LayerList has no .get
+            existing = self.viewer.layers[LAYER_NAME]
         if existing is not None and tuple(existing.data.shape) != tuple(shape):
             self.viewer.layers.remove(existing)
             existing = None
