@@ -226,10 +226,14 @@ class _FastPath:
             "e_bias": (e + i2t.out_proj.bias).to(self.dtype)[None],  # (1, HW, C)
         }
 
-    def transformer(self, tokens: Tensor, pre: dict):
-        """tokens (B, T, C) float32 -> (queries (B, T, C) float32, keys (B, HW, C) dtype)."""
+    def transformer(self, tokens: Tensor, pre: dict, keys0: Tensor | None = None):
+        """tokens (B, T, C) float32 -> (queries (B, T, C) float32, keys (B, HW, C) dtype).
+
+        keys0: (B, HW, C) per-prompt image tokens (embedding + dense prompt) when the dense
+        prompt depends on the prompt; None uses the shared precomputed first layer.
+        """
         queries, qpe = tokens, tokens
-        keys = None
+        keys = keys0
         for i, ly in enumerate(self.layers):
             if ly.skip_first_layer_pe:
                 queries = ly.self_attn(q=queries, k=queries, v=queries)
@@ -286,10 +290,28 @@ class PointDecoder:
                 self._fast = None
         self._pre = None
         self._src = self._pe = None
+        self.dense_per_prompt = self._dense_depends_on_points()
 
     @property
     def uses_fast_path(self) -> bool:
         return self._fast is not None
+
+    @torch.inference_mode()
+    def _dense_depends_on_points(self) -> bool:
+        """True when the prompt encoder's dense output changes with the points (e.g. it
+        renders them, as the project's nsam models do); then the image tokens entering
+        the decoder differ per prompt and nothing can be shared across prompts."""
+        pe = self.model.prompt_encoder
+        if getattr(pe, "renders_prompts", False):
+            return True
+        h, w = (int(v) for v in pe.input_image_size)
+        pts = torch.tensor([[[0.3 * w, 0.6 * h]], [[0.8 * w, 0.1 * h]]], device=self.device)
+        lab = torch.ones(2, 1, dtype=torch.int, device=self.device)
+        _, dense = pe(points=(pts, lab), boxes=None, masks=None)
+        _, base = pe(points=None, boxes=None, masks=None)
+        return not (
+            dense.shape[1:] == base.shape[1:] and torch.equal(dense, base.expand_as(dense))
+        )
 
     @torch.inference_mode()
     def set_embedding(self, features: Tensor) -> None:
@@ -348,13 +370,17 @@ class PointDecoder:
     def _decode_chunk(self, points: Tensor, min_iou: float | None) -> DecodedPoints:
         labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=self.device)
         pe, dec = self.model.prompt_encoder, self.model.mask_decoder
-        sparse, _ = pe(points=(points[:, None, :], labels), boxes=None, masks=None)
+        sparse, dense = pe(points=(points[:, None, :], labels), boxes=None, masks=None)
+        dense = dense if self.dense_per_prompt else self._dense
         if self._fast is None:
-            return self._decode_modules(sparse, min_iou)
+            return self._decode_modules(sparse, dense, min_iou)
         fp = self._fast
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)
-        hs, keys = fp.transformer(tokens, self._pre)
+        keys0 = None
+        if self.dense_per_prompt:  # (B, C, h, w) -> (B, HW, C)
+            keys0 = (self._features + dense).to(fp.dtype).flatten(2).transpose(1, 2).contiguous()
+        hs, keys = fp.transformer(tokens, self._pre, keys0)
         iou = dec.iou_prediction_head(hs[:, 0])[:, 1:].float()  # (B, 3) multimask outputs
         nmask = iou.shape[1]
         sel = torch.ones_like(iou, dtype=torch.bool) if min_iou is None else iou >= min_iou
@@ -375,13 +401,13 @@ class PointDecoder:
         index = torch.stack([rows[:, None].expand_as(sub)[sub], sub.nonzero()[:, 1]], 1)
         return DecodedPoints(iou, index, logits[sub])
 
-    def _decode_modules(self, sparse: Tensor, min_iou: float | None) -> DecodedPoints:
+    def _decode_modules(self, sparse: Tensor, dense: Tensor, min_iou) -> DecodedPoints:
         dec = self.model.mask_decoder
         logits, iou = dec(
             image_embeddings=self._features,
             image_pe=self._pe,
             sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=self._dense,
+            dense_prompt_embeddings=dense,
             multimask_output=True,
         )
         sel = torch.ones_like(iou, dtype=torch.bool) if min_iou is None else iou >= min_iou

@@ -73,3 +73,23 @@ def project_predictor(config: str = "test_vit", seed: int = 0):
 
     torch.manual_seed(seed)
     return SamPredictor(build_sam(config).eval())
+
+
+def nsam_predictor(seed: int = 0):
+    """SamPredictor on a tiny random-init nsam model (CNN encoder, prompts rendered into the
+    dense prompt, 128 px input, 16 x 16 embedding)."""
+    import torch
+
+    from napari_sam.model.small_encoder import build_nsam
+    from napari_sam.predictor import SamPredictor
+
+    torch.manual_seed(seed)
+    cfg = {
+        "img_size": 128,
+        "widths": [8, 8, 16, 16, 32],
+        "depths": [0, 1, 1, 1, 1],
+        "embed_dim": 32,
+        "decoder_mlp_dim": 64,
+        "iou_head_hidden_dim": 32,
+    }
+    return SamPredictor(build_nsam(cfg).eval())

@@ -7,7 +7,7 @@ on synthetic scenes) needs the project's trained default model and is skipped un
 
 import numpy as np
 import pytest
-from _automatic_models import project_predictor, tiny_official_sam
+from _automatic_models import nsam_predictor, project_predictor, tiny_official_sam
 
 from napari_sam._point_decoder import PointDecoder
 from napari_sam._sample_data import _blobs
@@ -86,6 +86,13 @@ def test_label_image_properties(predictor, scene):
     assert calls[-1][0] == calls[-1][1] and [d for d, _ in calls] == sorted(d for d, _ in calls)
     # deterministic
     assert (segment_slice(predictor, img, p) == lab).all()
+
+
+def test_nsam_model_runs(scene):
+    """The project's nsam layout (rendered prompts, 8x-downsampling encoder) goes through."""
+    img, _ = scene
+    lab = segment_slice(nsam_predictor(), img, AutomaticParams(points_per_side=4, **PERMISSIVE))
+    assert lab.shape == img.shape and lab.max() > 0
 
 
 def test_cancel(predictor, scene):

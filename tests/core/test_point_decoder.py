@@ -103,3 +103,32 @@ def test_decode_before_embedding_is_a_clear_error(tiny):
         PointDecoder(sam).decode(pts)
     with pytest.raises(ValueError, match=r"\(1, C, h, w\)"):
         PointDecoder(sam).set_embedding(torch.zeros(32, 16, 16))
+
+
+def test_prompt_rendering_encoder_dense_per_prompt():
+    """nsam models render the points into the dense prompt: no sharing across prompts, still
+    the same numbers as the modules."""
+    from napari_sam.model.small_encoder import build_nsam
+
+    torch.manual_seed(0)
+    sam = build_nsam(
+        {
+            "img_size": 128,
+            "widths": [8, 8, 16, 16, 32],
+            "depths": [0, 1, 1, 1, 1],
+            "embed_dim": 32,
+            "decoder_mlp_dim": 64,
+            "iou_head_hidden_dim": 32,
+        }
+    )
+    emb = torch.randn(1, 32, 16, 16)
+    pts = torch.tensor([[10.0, 20.0], [64.0, 64.0], [120.0, 5.0]])
+    ref = _reference(sam, emb, pts)
+    fast = PointDecoder(sam, precision="float32")
+    assert fast.dense_per_prompt and fast.uses_fast_path
+    fast.set_embedding(emb)
+    out = fast.decode(pts)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.iou_predictions, ref.iou_predictions, atol=1e-5, rtol=1e-4)
+    # the official prompt encoder's dense prompt does not depend on the points: shared
+    assert not PointDecoder(tiny_official_sam()[0]).dense_per_prompt
