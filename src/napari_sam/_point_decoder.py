@@ -365,7 +365,7 @@ class PointDecoder:
             return 16
         _, c, h, w = self._src.shape
         per_prompt = h * w * c * torch.finfo(self.dtype).bits // 8
-        return max(1, int(8e6 // per_prompt))
+        return max(1, min(64, int(8e6 // per_prompt)))
 
     def _decode_chunk(self, points: Tensor, min_iou: float | None) -> DecodedPoints:
         labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=self.device)

@@ -122,11 +122,11 @@ def test_skip_covered_points_prompts_fewer_points(predictor, scene):
     counts = {}
     for skip in (False, True):
         dec = _CountingDecoder(sam, precision="float32")
-        p = AutomaticParams(points_per_side=16, skip_covered_points=skip, **PERMISSIVE)
+        p = AutomaticParams(points_per_side=12, skip_covered_points=skip, **PERMISSIVE)
         records = generate_masks(predictor, img, p, _decoder=dec)
         counts[skip] = (dec.points, len(records))
-    assert counts[False][0] == 256
-    assert 16 <= counts[True][0] < 256  # the 4 x 4 coarse level always runs
+    assert counts[False][0] == 144
+    assert 9 <= counts[True][0] < 144  # the 3 x 3 coarse level always runs
     assert counts[True][1] > 0
 
 
@@ -141,7 +141,7 @@ def test_crop_layers_run(predictor, scene):
 
 
 def test_crop_layers_restore_official_predictor(scene):
-    sam, sa = tiny_official_sam(img_size=256, dim=32)
+    sam, sa = tiny_official_sam(img_size=128, dim=32)
     predictor = sa.SamPredictor(sam)
     img = _rgb(scene[0])
     generate_masks(predictor, img, AutomaticParams(points_per_side=2, crop_n_layers=1))
