@@ -281,8 +281,11 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="also time a bfloat16-autocast encoder")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--memory-child", nargs=2, metavar=("MODEL", "WHO"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child, args.size)
         return 0

@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 _DECODER_ATTRS = (
@@ -60,6 +61,49 @@ _BLOCK_ATTRS = (
     "skip_first_layer_pe",
 )
 _ATTN_ATTRS = ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "internal_dim")
+
+
+class Workspace:
+    """Scratch tensors reused from click to click.
+
+    A fresh multi-megabyte CPU tensor costs a page fault per 4 KiB on first touch (the
+    allocator returns large blocks to the OS on free); for the decoder's ~30 MB of
+    intermediates that is ~25 % of a click. Buffers are keyed by name and re-allocated
+    when the shape, dtype or device changes. Results returned to callers never live here.
+    Not thread-safe: one workspace per predictor (predictors are not thread-safe either).
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape, like: Tensor) -> Tensor:
+        t = self._bufs.get(name)
+        if (
+            t is None
+            or t.shape != tuple(shape)
+            or t.dtype != like.dtype
+            or t.device != like.device
+        ):
+            t = self._bufs[name] = torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+        return t
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+def _buffer(ws: Workspace | None, name: str, shape, like: Tensor) -> Tensor:
+    if ws is None:
+        return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
+    return ws.get(name, shape, like)
+
+
+def _act_(act: nn.Module, x: Tensor) -> Tensor:
+    """Apply an elementwise activation module in place where torch has an in-place op."""
+    if type(act) is nn.GELU:
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    if type(act) is nn.ReLU:
+        return x.relu_()
+    return act(x)
 
 
 def supports_fast_path(mask_decoder: nn.Module) -> bool:
@@ -105,7 +149,12 @@ def _token_to_image(attn: nn.Module, q_tok: Tensor, x_pe: Tensor, x: Tensor) -> 
 
 
 def _image_to_token(
-    attn: nn.Module, x_pe: Tensor, x: Tensor, k_tok: Tensor, v_tok: Tensor
+    attn: nn.Module,
+    x_pe: Tensor,
+    x: Tensor,
+    k_tok: Tensor,
+    v_tok: Tensor,
+    ws: Workspace | None = None,
 ) -> Tensor:
     """Image tokens attend to tokens; returns the residual sum ``x + attn(x_pe, k_tok, v_tok)``.
 
@@ -129,7 +178,10 @@ def _image_to_token(
     wo = attn.out_proj.weight.t().reshape(nh, d, -1)  # nh x d x C
     # Each head's probabilities sum to 1 over T, so out_proj's bias can ride along in p.
     p = torch.matmul(v, wo) + attn.out_proj.bias / nh  # B x nh x T x C
-    return torch.baddbmm(x.expand(b, -1, -1), probs.transpose(1, 2), p.view(b, nh * t, -1))
+    out = _buffer(ws, "image_to_token", (b, hw, x.shape[-1]), x)
+    return torch.baddbmm(
+        x.expand(b, -1, -1), probs.transpose(1, 2), p.view(b, nh * t, -1), out=out
+    )
 
 
 def _upscale_supported(up: nn.Module) -> bool:
@@ -161,7 +213,9 @@ def _upscale_supported(up: nn.Module) -> bool:
 _ELEMENTWISE = (nn.GELU, nn.ReLU, nn.SiLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
 
 
-def _upscale_and_mask(up: nn.Sequential, keys: Tensor, hyper: Tensor, h: int, w: int) -> Tensor:
+def _upscale_and_mask(
+    up: nn.Sequential, keys: Tensor, hyper: Tensor, h: int, w: int, ws: Workspace | None = None
+) -> Tensor:
     """Masks ``hyper @ output_upscaling(keys)`` without image-layout convolutions.
 
     A 2x2 / stride-2 transposed convolution maps each input pixel independently to a 2x2
@@ -176,15 +230,20 @@ def _upscale_and_mask(up: nn.Sequential, keys: Tensor, hyper: Tensor, h: int, w:
     c1, c2, ln = up[0], up[3], up[1]
     b = keys.shape[0]
     w1 = c1.weight.permute(0, 2, 3, 1).reshape(c1.in_channels, -1)  # C x (2*2*C')
-    y = torch.addmm(c1.bias.repeat(4), keys.reshape(-1, c1.in_channels), w1)
+    x = keys.reshape(-1, c1.in_channels)
+    y = _buffer(ws, "up1", (x.shape[0], w1.shape[1]), x)
+    torch.addmm(c1.bias.repeat(4), x, w1, out=y)
     y = y.view(-1, c1.out_channels)  # (B*h*w*2*2) x C'
-    y = up[2](torch.nn.functional.layer_norm(y, (c1.out_channels,), ln.weight, ln.bias, ln.eps))
+    y = _act_(up[2], F.layer_norm(y, (c1.out_channels,), ln.weight, ln.bias, ln.eps))
     w2 = c2.weight.permute(0, 2, 3, 1).reshape(c2.in_channels, -1)  # C' x (2*2*C'')
-    z = up[4](torch.addmm(c2.bias.repeat(4), y, w2))  # (B*h*w*2*2) x (2*2*C'')
+    z = _buffer(ws, "up2", (y.shape[0], w2.shape[1]), y)
+    z = _act_(up[4], torch.addmm(c2.bias.repeat(4), y, w2, out=z))  # (B*h*w*2*2) x (2*2*C'')
     z = z.view(b, -1, c2.out_channels)  # B x (h*w*2*2*2*2) x C''
-    m = torch.bmm(z, hyper.transpose(1, 2))  # B x (h w di dj ei ej) x M
-    m = m.view(b, h, w, 2, 2, 2, 2, -1)  # b i j di dj ei ej M ; row 4i+2di+ei, col 4j+2dj+ej
-    return m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, -1, 4 * h, 4 * w)
+    m = _buffer(ws, "masks", (b, hyper.shape[1], z.shape[1]), z)
+    torch.bmm(hyper, z.transpose(1, 2), out=m)  # B x M x (h w di dj ei ej)
+    m = m.view(b, -1, h, w, 2, 2, 2, 2)  # b M i j di dj ei ej; row 4i+2di+ei, col 4j+2dj+ej
+    # the reshape of the permuted view copies: the result never aliases the workspace
+    return m.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, -1, 4 * h, 4 * w)
 
 
 def _attention_is_cheaper(mask_decoder: nn.Module, num_tokens: int) -> bool:
@@ -224,6 +283,7 @@ def decode(
     dense_prompt_embeddings: Tensor | None,
     multimask_output: bool,
     fast: bool = True,
+    ws: Workspace | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the mask decoder; same results as ``mask_decoder(...)`` up to float rounding.
 
@@ -234,6 +294,7 @@ def decode(
             prompt" (the prompt encoder's no-mask embedding, precomputed in ``prepared``).
         multimask_output: return masks 1..3 (True) or mask 0 (False).
         fast: False forces the model's own ``mask_decoder`` forward.
+        ws: optional :class:`Workspace` for scratch tensors (saves page faults per call).
 
     Returns:
         low-res mask logits (B, M, 4h, 4w) and IoU predictions (B, M), M = 3 or 1.
@@ -272,22 +333,23 @@ def decode(
             queries = queries + blk.self_attn(q=q, k=q, v=queries)
         queries = blk.norm1(queries)
         if i > 0:
-            keys_pe = keys + key_pe
+            keys_pe = torch.add(keys, key_pe, out=_buffer(ws, "keys_pe", keys.shape, keys))
         attn = _token_to_image(blk.cross_attn_token_to_image, queries + tokens, keys_pe, keys)
         queries = blk.norm2(queries + attn)
         queries = blk.norm3(queries + blk.mlp(queries))
         k_tok = queries + tokens
         keys = blk.norm4(
-            _image_to_token(blk.cross_attn_image_to_token, keys_pe, keys, k_tok, queries)
+            _image_to_token(blk.cross_attn_image_to_token, keys_pe, keys, k_tok, queries, ws)
         )
-    attn = _token_to_image(tr.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
+    keys_pe = torch.add(keys, key_pe, out=_buffer(ws, "keys_pe", keys.shape, keys))
+    attn = _token_to_image(tr.final_attn_token_to_image, queries + tokens, keys_pe, keys)
     queries = tr.norm_final_attn(queries + attn)
 
     sel = range(1, md.num_mask_tokens) if multimask_output else range(0, 1)
     hyper = torch.stack([md.output_hypernetworks_mlps[j](queries[:, 1 + j]) for j in sel], 1)
     keys = keys.expand(b, -1, -1)
     if _upscale_supported(md.output_upscaling):
-        masks = _upscale_and_mask(md.output_upscaling, keys, hyper, h, w)
+        masks = _upscale_and_mask(md.output_upscaling, keys, hyper, h, w, ws)
     else:
         upscaled = md.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
         bu, cu, hu, wu = upscaled.shape

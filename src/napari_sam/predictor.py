@@ -13,25 +13,25 @@ call; masks come back at the slice's resolution. napari's (row, col) is converte
 :mod:`napari_sam.prompts` only.
 
 Speed: the decoder runs through :mod:`napari_sam._fast_decoder` (same numbers, fewer
-operations for a few prompt tokens) and the masks are interpolated once, straight from the
-valid part of the low-resolution logits to the slice size (the reference upsamples to
-1024 x 1024, crops the padding and resizes again). See docs/performance.md.
+operations for a few prompt tokens); masks are interpolated once, straight from the valid
+part of the low-resolution logits to the slice size (the reference upsamples to
+1024 x 1024, crops the padding and resizes again), and thresholded masks interpolate only
+along the mask outlines (:mod:`napari_sam._masks`). See docs/performance.md.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _fast_decoder
+from ._masks import upsample_binary, upsample_logits
 from .preprocess import Contrast, ResizeLongestSide, check_slice, resize_to_input, to_uint8_rgb
 from .prompts import check_boxes, check_points
 
@@ -128,52 +128,6 @@ def _weights_token(model: nn.Module) -> str:
     return f"{hash(state) & 0xFFFFFFFFFFFF:012x}"
 
 
-def upsample_masks(
-    low_res: torch.Tensor,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    img_size: int,
-) -> torch.Tensor:
-    """Low-res logits -> logits at the slice's resolution, in one bilinear interpolation.
-
-    The low-res grid (lh, lw) covers the padded S x S encoder input (S = ``img_size``), whose
-    top-left (h', w') holds the resized slice. With half-pixel centres, slice row i sits at
-    input row ``y = (i + 0.5) * h' / H - 0.5`` and that at low-res row
-    ``u = (y + 0.5) * lh / S - 0.5 = (i + 0.5) / s - 0.5`` with ``s = H * S / (h' * lh)``:
-    one bilinear interpolation with scale factor s of the low-res rows that reach the valid
-    region. The reference (segment-anything's ``postprocess_masks``) resamples twice,
-    (lh, lw) -> (S, S) -> crop (h', w') -> (H, W); its intermediate grid rounds the
-    piecewise-linear interpolant near the low-res sample points, so logits differ slightly
-    and thresholded masks in a few boundary pixels (measured in tests/core/test_predictor.py).
-
-    Args:
-        low_res: (B, M, lh, lw) logits.
-        input_size: (h', w') of the resized slice.
-        original_size: (H, W) of the slice.
-        img_size: S, the encoder's square input side.
-
-    Returns:
-        (B, M, H, W) logits.
-    """
-    (ih, iw), (oh, ow) = input_size, original_size
-    lh, lw = low_res.shape[-2:]
-    sy, sx = oh * img_size / (ih * lh), ow * img_size / (iw * lw)  # output px per low-res px
-    # Low-res rows/cols that the valid region reaches, plus the interpolation neighbour.
-    nh = min(lh, math.ceil(ih * lh / img_size) + 1)
-    nw = min(lw, math.ceil(iw * lw / img_size) + 1)
-    # One replicated row/col beyond, so that floor((n + 1) * s) >= H despite rounding; the
-    # values are unchanged because interpolation clamps at the last row anyway.
-    x = F.pad(low_res[..., :nh, :nw], (0, 1, 0, 1), mode="replicate")
-    out = F.interpolate(
-        x,
-        scale_factor=(sy, sx),
-        mode="bilinear",
-        align_corners=False,
-        recompute_scale_factor=False,
-    )
-    return out[..., :oh, :ow]
-
-
 class SamPredictor:
     """SAM on 2D slices: encode once (cached), then cheap prompt -> mask calls.
 
@@ -231,6 +185,7 @@ class SamPredictor:
         self.encoder_runs = 0
         self._embedding: Embedding | None = None
         self._prepared: _fast_decoder.Prepared | None = None
+        self._workspace = _fast_decoder.Workspace()
 
     # ----------------------------------------------------------------- image state
     @property
@@ -527,11 +482,16 @@ class SamPredictor:
             self.model.mask_decoder,
             self._get_prepared(),
             sparse,
-            dense if mask_input is not None else None,
+            # prompt encoders that render points/boxes into the dense prompt (the project's
+            # nsam models) need their dense output even without a mask prompt
+            dense if mask_input is not None or getattr(pe, "renders_prompts", False) else None,
             multimask_output,
             fast=self.fast_decoder,
+            ws=self._workspace,
         )
-        masks = upsample_masks(low_res, self.input_size, size, self.transform.target_length)
-        if not return_logits:
-            masks = masks > getattr(self.model, "mask_threshold", 0.0)
+        geometry = (self.input_size, size, self.transform.target_length)
+        if return_logits:
+            masks = upsample_logits(low_res, *geometry)
+        else:
+            masks = upsample_binary(low_res, *geometry, getattr(self.model, "mask_threshold", 0.0))
         return masks, iou, low_res

@@ -22,7 +22,8 @@ from napari_sam.predictor import (
     Embedding,
     EmbeddingCache,
     SamPredictor,
-    upsample_masks,
+    upsample_binary,
+    upsample_logits,
 )
 from napari_sam.preprocess import Contrast
 from napari_sam.prompts import PromptWarning
@@ -209,7 +210,7 @@ def test_upsampled_masks_land_on_the_right_slice_pixels(hw):
     rows = (u >= r0 * ih / h) & (u < r1 * ih / h)
     cols = (u >= c0 * iw / w) & (u < c1 * iw / w)
     low[0, 0][rows[:, None] & cols[None, :]] = 1.0
-    masks = upsample_masks(low, (ih, iw), (h, w), S)[0, 0] > 0
+    masks = upsample_logits(low, (ih, iw), (h, w), S)[0, 0] > 0
     assert masks.shape == (h, w)
     expected = np.zeros((h, w), bool)
     expected[
@@ -234,10 +235,37 @@ def test_upsampling_agrees_with_reference_on_smooth_logits(sam):
         scale = S / max(hw)
         ih, iw = max(1, int(hw[0] * scale + 0.5)), max(1, int(hw[1] * scale + 0.5))
         ref = sam.postprocess_masks(low, (ih, iw), hw)  # reference: up to S, crop, resize
-        ours = upsample_masks(low, (ih, iw), hw, S)
+        ours = upsample_logits(low, (ih, iw), hw, S)
         assert ours.shape == ref.shape
         assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
         assert ((ours > 0) != (ref > 0)).float().mean() < 2e-3
+
+
+@pytest.mark.parametrize(
+    "hw", [(300, 400), (128, 128), (1000, 90), (2000, 1500), (1, 700), (8, 8), (513, 1)]
+)
+@pytest.mark.parametrize("kind", ["disk", "smooth", "noise"])
+def test_cheap_threshold_equals_thresholded_logits(hw, kind):
+    """upsample_binary only interpolates cells whose corners disagree; the masks must be
+    those of thresholding the fully interpolated logits (up to values within float
+    rounding of the threshold)."""
+    gen = torch.Generator().manual_seed(hash((hw, kind)) % 2**31)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    if kind == "disk":
+        low = torch.stack([4 - ((yy - 12) ** 2 + (xx - 15) ** 2).sqrt() / r for r in (1, 2, 3)])
+        low = low[None]
+    elif kind == "smooth":
+        low = F.interpolate(torch.randn(2, 3, 5, 5, generator=gen), (32, 32), mode="bicubic")
+    else:
+        low = torch.randn(2, 3, 32, 32, generator=gen)
+    scale = S / max(hw)
+    ih, iw = max(1, int(hw[0] * scale + 0.5)), max(1, int(hw[1] * scale + 0.5))
+    for thr in (0.0, 0.7):
+        logits = upsample_logits(low, (ih, iw), hw, S)
+        fast = upsample_binary(low, (ih, iw), hw, S, thr)
+        assert fast.shape == logits.shape and fast.dtype == torch.bool
+        wrong = fast != (logits > thr)
+        assert not wrong.any() or (logits[wrong] - thr).abs().max() < 1e-5
 
 
 # ------------------------------------------------------------------ batching & mask input
