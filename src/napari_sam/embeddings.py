@@ -458,6 +458,11 @@ class EmbeddingStore:
             )
         return z
 
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of one slice (without the RGB axis)."""
+        return tuple(s for i, s in enumerate(self.shape[:3]) if i != self.axis)
+
     def is_done(self, z: int) -> bool:
         """True if slice z's embedding is available without running the encoder."""
         z = self._check_z(z)
