@@ -13,7 +13,10 @@ import importlib
 import sys
 
 # name -> (module, one-line help). Add a line here to add a command.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("napari_sam._cli_models", "list known model checkpoints and the cache"),
+    "download": ("napari_sam._cli_download", "download model checkpoints into the cache"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
