@@ -55,6 +55,7 @@ __all__ = [
     "SliceResult",
     "StopCriteria",
     "StopReason",
+    "describe_stops",
     "mask_to_box",
     "mask_to_logits",
     "propagate",
@@ -305,6 +306,16 @@ class PropagationState:
     def stop_reasons(self, obj_id: int) -> dict[tuple[int, int], tuple[int, StopReason]]:
         """(anchor_z, direction) -> (z, reason) for each completed front of the object."""
         return dict(self.objects[obj_id].stops)
+
+
+def describe_stops(state: PropagationState, obj_id: int) -> str:
+    """One line for the user: the object's slice extent and why each front stopped."""
+    zs = state.object_slices(obj_id)
+    parts = [f"object {obj_id}: slices {zs[0]}-{zs[-1]}" if zs else f"object {obj_id}: empty"]
+    for (a, d), (z, reason) in sorted(state.stop_reasons(obj_id).items()):
+        where = "up" if d == UP else "down"
+        parts.append(f"{where} from {a} stopped at {z} ({reason.value})")
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------- prompts
