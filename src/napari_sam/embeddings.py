@@ -34,7 +34,8 @@ Thread safety: :meth:`EmbeddingStore.get` and :meth:`EmbeddingStore.precompute` 
 called from several threads (e.g. a precompute worker and the UI thread). The encoder
 runs under one lock, so the predictor given to the store must not be used for decoding
 by another thread at the same time; give the store its own predictor sharing the model
-(``SamPredictor(model)`` is cheap) when decoding should overlap encoding.
+(``SamPredictor(model, cache_bytes=0)`` is cheap; ``cache_bytes=0`` because the store
+caches already) when decoding should overlap encoding.
 """
 
 from __future__ import annotations
@@ -248,7 +249,8 @@ class EmbeddingStore:
         poorly and decompression costs time; e.g. ``zarr.codecs.ZstdCodec(level=1)``).
     cache_bytes : budget of the in-memory LRU (bytes of stored-dtype features).
     model_name, weights_hash, preprocess_key : signature fields; derived from the predictor
-        when None (model type attribute, blake2b of the state_dict, ``repr(contrast)``).
+        when None (its ``model_key`` or the model type, blake2b of the state_dict,
+        ``contrast.key()`` plus the encoder dtype).
     overwrite : delete an existing store at ``path`` and start a new one.
     verify : ``"open"`` hashes every done slice of ``stack`` on open and refuses
         mismatches; ``"lazy"`` checks each slice when its embedding is first read from disk;
@@ -303,7 +305,8 @@ class EmbeddingStore:
         img_size = getattr(encoder, "img_size", None)
         if model_name is None:
             model_name = (
-                getattr(model, "model_type", None)
+                getattr(predictor, "model_key", None)
+                or getattr(model, "model_type", None)
                 or getattr(model, "name", None)
                 or type(encoder).__name__
             )
@@ -312,7 +315,12 @@ class EmbeddingStore:
                 raise TypeError("predictor.model is missing: pass weights_hash= explicitly")
             weights_hash = hash_weights(model)
         if preprocess_key is None:
-            preprocess_key = repr(getattr(predictor, "contrast", None))
+            contrast = getattr(predictor, "contrast", None)
+            key = getattr(contrast, "key", None)
+            preprocess_key = key() if callable(key) else repr(contrast)
+            encoder_dtype = getattr(predictor, "encoder_dtype", None)
+            if encoder_dtype is not None:  # a bfloat16 encoder gives other features
+                preprocess_key += f"|encoder {encoder_dtype}"
         from napari_sam import __version__
 
         self.signature: dict[str, Any] = {
