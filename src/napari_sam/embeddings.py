@@ -363,10 +363,8 @@ class EmbeddingStore:
             if self.verify == "open":
                 self._verify_slices(np.flatnonzero(self._done_mem))
         else:
-            if exists:
-                import shutil
-
-                shutil.rmtree(self.path)
+            if exists or (self.path.exists() and any(self.path.iterdir())):
+                self._remove_existing()
             self.path.mkdir(parents=True, exist_ok=True)
             self._group = zarr.open_group(store=store, mode="w")
             self._group.attrs[_ATTR_KEY] = {**self.signature, "feature_shape": None}
@@ -378,6 +376,23 @@ class EmbeddingStore:
                 "slice_hash", shape=(self.n_slices, 16), chunks=(1, 16), dtype="uint8",
                 fill_value=0, compressors=None,
             )  # fmt: skip
+
+    def _remove_existing(self) -> None:
+        """Delete the store at ``path`` for overwrite=True, but never anything else."""
+        import shutil
+
+        import zarr
+
+        try:
+            ours = _ATTR_KEY in zarr.open_group(self.path, mode="r").attrs
+        except Exception:  # noqa: BLE001 - not a zarr group at all
+            ours = False
+        if not ours:
+            raise FileExistsError(
+                f"{self.path} exists and is not a napari-sam embedding store; refusing to "
+                "delete it. Choose another path for the embeddings."
+            )
+        shutil.rmtree(self.path)
 
     def _check_signature(self, stored: dict) -> None:
         diffs = []

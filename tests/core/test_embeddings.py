@@ -148,6 +148,15 @@ def test_non_store_directory_is_refused(tmp_path, predictor, stack):
     zarr.open_group(tmp_path / "other.zarr", mode="w").attrs["x"] = 1
     with pytest.raises(EmbeddingMismatchError, match="not a napari-sam embedding store"):
         EmbeddingStore(stack, predictor, tmp_path / "other.zarr")
+    # overwrite=True never deletes what is not an embedding store.
+    with pytest.raises(FileExistsError, match="refusing to delete"):
+        EmbeddingStore(stack, predictor, tmp_path / "other.zarr", overwrite=True)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "cells.tif").write_bytes(b"data")
+    with pytest.raises(FileExistsError, match="refusing to delete"):
+        EmbeddingStore(stack, predictor, tmp_path / "images")
+    assert (tmp_path / "images" / "cells.tif").exists()
+    assert (tmp_path / "other.zarr" / "zarr.json").exists()
 
 
 def test_resume_after_interruption_computes_only_missing(tmp_path, predictor, stack, counter):
