@@ -1,0 +1,537 @@
+"""Prompt -> mask prediction on one 2D slice, with the image embedding computed once and cached.
+
+The expensive step (the image encoder) is explicit: :meth:`SamPredictor.set_image` encodes
+a slice, or takes its embedding from an in-memory LRU cache keyed by
+``(content hash, key, model identity, contrast, encoder size)``; every prompt afterwards
+(:meth:`~SamPredictor.predict`) only runs the prompt encoder and the mask decoder.
+
+Conventions (the same as segment-anything's predictor, so prompts and results mean the
+same): points ``(N, 2)`` are ``(x, y)`` pixels of the slice given to ``set_image``, labels
+1 = foreground / 0 = background, boxes ``XYXY``; ``mask_input`` holds low-resolution logits
+``(1, 4h, 4w)`` (``(1, 256, 256)`` for SAM), e.g. ``low_res_logits[i:i+1]`` of an earlier
+call; masks come back at the slice's resolution. napari's (row, col) is converted in
+:mod:`napari_sam.prompts` only.
+
+Speed: the decoder runs through :mod:`napari_sam._fast_decoder` (same numbers, fewer
+operations for a few prompt tokens) and the masks are interpolated once, straight from the
+valid part of the low-resolution logits to the slice size (the reference upsamples to
+1024 x 1024, crops the padding and resizes again). See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _fast_decoder
+from .preprocess import Contrast, ResizeLongestSide, check_slice, resize_to_input, to_uint8_rgb
+from .prompts import check_boxes, check_points
+
+#: Default byte budget of the in-memory embedding cache (256 SAM embeddings of 4 MiB).
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+@dataclass(eq=False)
+class Embedding:
+    """The image embedding of one slice and the geometry needed to use it.
+
+    Attributes:
+        features: (1, C, h, w) float32 image embedding (C = 256, h = w = 64 for SAM).
+        original_size: (H, W) of the slice given to ``set_image``.
+        input_size: (h', w') of the resized slice before padding
+            (``ResizeLongestSide.get_preprocess_shape(H, W, img_size)``).
+        signature: the cache key this embedding was computed for ("" if unknown).
+    """
+
+    features: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+    signature: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.numel() * self.features.element_size()
+
+
+class EmbeddingCache:
+    """Least-recently-used map ``signature -> Embedding`` bounded by total bytes.
+
+    An embedding larger than the whole budget is not stored. ``max_bytes = 0`` disables
+    caching. ``hits``/``misses``/``evictions`` count lookups and removals.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[str, Embedding] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, signature: str) -> bool:
+        return signature in self._items
+
+    def keys(self) -> list[str]:
+        """Signatures from least to most recently used."""
+        return list(self._items)
+
+    def get(self, signature: str) -> Embedding | None:
+        emb = self._items.get(signature)
+        if emb is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(signature)
+        self.hits += 1
+        return emb
+
+    def put(self, emb: Embedding) -> None:
+        sig = emb.signature
+        if not sig or emb.nbytes > self.max_bytes:
+            return
+        if sig in self._items:
+            self.nbytes -= self._items.pop(sig).nbytes
+        self._items[sig] = emb
+        self.nbytes += emb.nbytes
+        while self.nbytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.nbytes
+            self.evictions += 1
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+
+def content_hash(image: np.ndarray) -> str:
+    """blake2b-128 hex digest of an array's bytes, dtype and shape."""
+    arr = np.ascontiguousarray(image)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+def _weights_token(model: nn.Module) -> str:
+    """Changes whenever a parameter or buffer is replaced or modified in place."""
+    state = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+    return f"{hash(state) & 0xFFFFFFFFFFFF:012x}"
+
+
+def upsample_masks(
+    low_res: torch.Tensor,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    img_size: int,
+) -> torch.Tensor:
+    """Low-res logits -> logits at the slice's resolution, in one bilinear interpolation.
+
+    The low-res grid (lh, lw) covers the padded S x S encoder input (S = ``img_size``), whose
+    top-left (h', w') holds the resized slice. With half-pixel centres, slice row i sits at
+    input row ``y = (i + 0.5) * h' / H - 0.5`` and that at low-res row
+    ``u = (y + 0.5) * lh / S - 0.5 = (i + 0.5) / s - 0.5`` with ``s = H * S / (h' * lh)``:
+    one bilinear interpolation with scale factor s of the low-res rows that reach the valid
+    region. The reference (segment-anything's ``postprocess_masks``) resamples twice,
+    (lh, lw) -> (S, S) -> crop (h', w') -> (H, W); its intermediate grid rounds the
+    piecewise-linear interpolant near the low-res sample points, so logits differ slightly
+    and thresholded masks in a few boundary pixels (measured in tests/core/test_predictor.py).
+
+    Args:
+        low_res: (B, M, lh, lw) logits.
+        input_size: (h', w') of the resized slice.
+        original_size: (H, W) of the slice.
+        img_size: S, the encoder's square input side.
+
+    Returns:
+        (B, M, H, W) logits.
+    """
+    (ih, iw), (oh, ow) = input_size, original_size
+    lh, lw = low_res.shape[-2:]
+    sy, sx = oh * img_size / (ih * lh), ow * img_size / (iw * lw)  # output px per low-res px
+    # Low-res rows/cols that the valid region reaches, plus the interpolation neighbour.
+    nh = min(lh, math.ceil(ih * lh / img_size) + 1)
+    nw = min(lw, math.ceil(iw * lw / img_size) + 1)
+    # One replicated row/col beyond, so that floor((n + 1) * s) >= H despite rounding; the
+    # values are unchanged because interpolation clamps at the last row anyway.
+    x = F.pad(low_res[..., :nh, :nw], (0, 1, 0, 1), mode="replicate")
+    out = F.interpolate(
+        x,
+        scale_factor=(sy, sx),
+        mode="bilinear",
+        align_corners=False,
+        recompute_scale_factor=False,
+    )
+    return out[..., :oh, :ow]
+
+
+class SamPredictor:
+    """SAM on 2D slices: encode once (cached), then cheap prompt -> mask calls.
+
+    Args:
+        model: a SAM model (``napari_sam.build_sam``/``load_model`` or segment-anything's
+            ``Sam``): ``image_encoder.img_size``, ``prompt_encoder``, ``mask_decoder``,
+            ``preprocess``, ``mask_threshold``.
+        contrast: how slices map to uint8 RGB (:class:`napari_sam.preprocess.Contrast`).
+        cache_bytes: byte budget of the in-memory embedding LRU cache (0 disables it).
+        model_key: a stable name for the model weights used in cache signatures (e.g.
+            "vit_b:<sha256>"); default: the model object's identity and weight versions,
+            valid for this process only.
+        encoder_dtype: "float32", or "bfloat16" to run the image encoder under bfloat16
+            autocast (faster on CPUs with AVX-512 BF16 / AMX and on GPUs; masks can differ
+            slightly, see docs/performance.md).
+        fast_decoder: use the re-associated decoder (same results up to float rounding).
+
+    Attributes:
+        encoder_runs: how many times the image encoder ran (cache misses).
+        cache: the :class:`EmbeddingCache`.
+        transform: :class:`ResizeLongestSide` to the encoder size, for ``predict_torch``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        contrast: Contrast | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        *,
+        model_key: str | None = None,
+        encoder_dtype: Literal["float32", "bfloat16"] = "float32",
+        fast_decoder: bool = True,
+    ) -> None:
+        for attr in ("image_encoder", "prompt_encoder", "mask_decoder", "preprocess"):
+            if not hasattr(model, attr):
+                raise TypeError(
+                    f"model has no {attr!r}: SamPredictor needs a SAM model "
+                    "(napari_sam.build_sam / load_model)"
+                )
+        if encoder_dtype not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"encoder_dtype must be 'float32' or 'bfloat16', got {encoder_dtype!r}"
+            )
+        if contrast is None:
+            contrast = Contrast()
+        if not isinstance(contrast, Contrast):
+            raise TypeError(f"contrast must be a napari_sam.preprocess.Contrast, got {contrast!r}")
+        self.model = model.eval()
+        self.contrast = contrast
+        self.cache = EmbeddingCache(cache_bytes)
+        self.model_key = model_key
+        self.encoder_dtype = encoder_dtype
+        self.fast_decoder = fast_decoder
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.encoder_runs = 0
+        self._embedding: Embedding | None = None
+        self._prepared: _fast_decoder.Prepared | None = None
+
+    # ----------------------------------------------------------------- image state
+    @property
+    def device(self) -> torch.device:
+        mean = getattr(self.model, "pixel_mean", None)
+        if isinstance(mean, torch.Tensor):
+            return mean.device
+        return next(self.model.parameters()).device
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._embedding is not None
+
+    @property
+    def original_size(self) -> tuple[int, int] | None:
+        """(H, W) of the current slice, None before ``set_image``."""
+        return None if self._embedding is None else self._embedding.original_size
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """(h', w') of the current slice resized for the encoder, None before ``set_image``."""
+        return None if self._embedding is None else self._embedding.input_size
+
+    @property
+    def features(self) -> torch.Tensor | None:
+        """(1, C, h, w) current image embedding, None before ``set_image``."""
+        return None if self._embedding is None else self._embedding.features
+
+    def signature(self, image, key=None) -> str:
+        """The cache key of ``image`` (as given to ``set_image``) under this predictor."""
+        arr = check_slice(image)
+        model_key = self.model_key or (
+            f"{type(self.model).__name__}@{id(self.model):x}/{_weights_token(self.model)}"
+        )
+        return "|".join(
+            (
+                content_hash(arr),
+                "-" if key is None else repr(key),
+                model_key,
+                self.contrast.key(),
+                f"S{self.transform.target_length}",
+                self.encoder_dtype,
+            )
+        )
+
+    @torch.inference_mode()
+    def set_image(self, image, key=None) -> None:
+        """Make ``image`` the current slice, encoding it unless its embedding is cached.
+
+        Args:
+            image: (H, W) grey or (H, W, 3) RGB, any real dtype (NaN/inf allowed); mapped to
+                uint8 RGB with ``self.contrast`` (uint8 passes through under "auto").
+            key: optional hashable naming the slice (e.g. its z index); part of the cache
+                signature together with the content hash, the model and the contrast.
+        """
+        arr = check_slice(image)
+        sig = self.signature(arr, key)
+        emb = self.cache.get(sig)
+        if emb is None:
+            emb = self._encode(to_uint8_rgb(arr, self.contrast), sig)
+            self.cache.put(emb)
+        self._set(emb)
+
+    def _encode(self, rgb: np.ndarray, signature: str) -> Embedding:
+        x = resize_to_input(rgb, self.transform.target_length)  # 1 x 3 x h' x w' uint8
+        input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        x = self.model.preprocess(x.to(self.device, torch.float32))
+        if self.encoder_dtype == "bfloat16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                feats = self.model.image_encoder(x)
+        else:
+            feats = self.model.image_encoder(x)
+        self.encoder_runs += 1
+        feats = feats.float().contiguous()
+        return Embedding(feats, (int(rgb.shape[0]), int(rgb.shape[1])), input_size, signature)
+
+    def _set(self, emb: Embedding) -> None:
+        self._embedding = emb
+        self._prepared = None
+
+    def get_embedding(self) -> Embedding:
+        """The current slice's :class:`Embedding` (e.g. to store it on disk)."""
+        self._require_image("get_embedding")
+        return self._embedding
+
+    @torch.inference_mode()
+    def set_embedding(self, embedding: Embedding) -> None:
+        """Make a stored embedding current (no encoder run); caches it if it has a signature.
+
+        Raises ValueError when its shape does not fit this model.
+        """
+        if not isinstance(embedding, Embedding):
+            raise TypeError(f"set_embedding needs an Embedding, got {type(embedding).__name__}")
+        pe = self.model.prompt_encoder
+        want = (1, int(pe.embed_dim), *map(int, pe.image_embedding_size))
+        if tuple(embedding.features.shape) != want:
+            raise ValueError(
+                f"embedding features have shape {tuple(embedding.features.shape)}, this model "
+                f"needs {want}: was it computed with another model?"
+            )
+        h, w = embedding.original_size
+        if self.transform.input_size((h, w)) != tuple(embedding.input_size):
+            raise ValueError(
+                f"embedding input_size {embedding.input_size} does not match original_size "
+                f"{embedding.original_size} at encoder size {self.transform.target_length}"
+            )
+        feats = embedding.features.to(self.device, torch.float32)
+        emb = Embedding(
+            feats, (int(h), int(w)), tuple(map(int, embedding.input_size)), embedding.signature
+        )
+        self.cache.put(emb)
+        self._set(emb)
+
+    def reset_image(self) -> None:
+        """Forget the current slice (the cache keeps its embedding)."""
+        self._embedding = None
+        self._prepared = None
+
+    def _require_image(self, what: str) -> None:
+        if self._embedding is None:
+            raise RuntimeError(
+                f"No image is set: call predictor.set_image(image) (or set_embedding) before {what}()."
+            )
+
+    def _get_prepared(self) -> _fast_decoder.Prepared:
+        if self._prepared is None:
+            pe = self.model.prompt_encoder
+            image_pe = pe.get_dense_pe().to(self.device)
+            _, no_mask = pe(points=None, boxes=None, masks=None)
+            self._prepared = _fast_decoder.prepare(self._embedding.features, image_pe, no_mask)
+        return self._prepared
+
+    # ------------------------------------------------------------------ prediction
+    @torch.inference_mode()
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for prompts on the current slice (numpy in, numpy out).
+
+        Args:
+            point_coords: (N, 2) float (x, y) pixels of the slice, or (B, N, 2) per box.
+            point_labels: (N,) or (B, N): 1 foreground, 0 background.
+            box: (4,) XYXY, or (B, 4) for a batch of boxes (batched outputs).
+            mask_input: (1, 4h, 4w) low-res logits (``(1, 256, 256)`` for SAM), e.g.
+                ``low_res_logits[[i]]`` of a previous call; (B, 1, 4h, 4w) with a box batch.
+            multimask_output: 3 candidate masks (True) or 1 (False).
+            return_logits: return float32 logits instead of bool masks.
+
+        Returns:
+            masks (C, H, W) bool (or float32 logits), iou_predictions (C,) float32,
+            low_res_logits (C, 4h, 4w) float32; with a box batch (B, C, H, W), (B, C),
+            (B, C, 4h, 4w). C = 3 (multimask) or 1; (H, W) is the slice size.
+        """
+        self._require_image("predict")
+        size = self.original_size
+        batched = False
+        coords_t = labels_t = box_t = mask_t = None
+        if point_coords is not None:
+            coords, labels = check_points(point_coords, point_labels, size)
+            batched |= coords.ndim == 3
+            coords = self.transform.apply_coords(coords, size)
+            coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)
+            labels_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
+            if coords.ndim == 2:
+                coords_t, labels_t = coords_t[None], labels_t[None]
+        elif point_labels is not None:
+            raise ValueError("point_labels given without point_coords")
+        if box is not None:
+            b = check_boxes(box, size)
+            batched |= b.ndim == 2
+            box_t = torch.as_tensor(
+                self.transform.apply_boxes(b, size), dtype=torch.float32, device=self.device
+            )
+        if mask_input is not None:
+            m = np.asarray(mask_input, dtype=np.float32)
+            if m.ndim == 3:
+                m = m[None]
+            elif m.ndim == 4:
+                batched = True
+            else:
+                raise ValueError(
+                    f"mask_input must be (1, {self._mask_hw_str()}) low-res logits or batched "
+                    f"(B, 1, {self._mask_hw_str()}), got shape {m.shape}"
+                )
+            mask_t = torch.as_tensor(m, device=self.device)
+        if coords_t is None and box_t is None and mask_t is None:
+            raise ValueError(
+                "predict needs a prompt: point_coords + point_labels, box or mask_input"
+            )
+        masks, iou, low_res = self._predict(
+            coords_t, labels_t, box_t, mask_t, multimask_output, return_logits, size
+        )
+        masks, iou, low_res = masks.cpu().numpy(), iou.cpu().numpy(), low_res.cpu().numpy()
+        if batched:
+            return masks, iou, low_res
+        if masks.shape[0] != 1:
+            raise ValueError(f"unbatched prompts gave a batch of {masks.shape[0]}")  # guard
+        return masks[0], iou[0], low_res[0]
+
+    def _mask_hw_str(self) -> str:
+        mh, mw = self.model.prompt_encoder.mask_input_size
+        return f"{mh}, {mw}"
+
+    @torch.inference_mode()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched prediction with prompts already in the resized input frame.
+
+        Args:
+            point_coords: (B, N, 2) float (x, y) in the resized frame
+                (``self.transform.apply_coords(xy, self.original_size)``), or None.
+            point_labels: (B, N) int: 1 foreground, 0 background, -1 padding.
+            boxes: (B, 4) XYXY in the resized frame (``transform.apply_boxes``), or None.
+            mask_input: (B, 1, 4h, 4w) low-res logits, or None.
+            A batch of 1 (points or mask_input) is shared by all B boxes.
+
+        Returns:
+            masks (B, C, H, W) bool (or logits) at the slice size, iou_predictions (B, C),
+            low_res_logits (B, C, 4h, 4w).
+        """
+        self._require_image("predict_torch")
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be given with point_coords")
+            if point_coords.ndim != 3 or point_coords.shape[-1] != 2:
+                raise ValueError(
+                    f"point_coords must be (B, N, 2), got {tuple(point_coords.shape)}"
+                )
+            if tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
+                raise ValueError(
+                    f"point_labels {tuple(point_labels.shape)} must be (B, N) matching "
+                    f"point_coords {tuple(point_coords.shape)}"
+                )
+        if boxes is not None and (boxes.ndim != 2 or boxes.shape[-1] != 4):
+            raise ValueError(f"boxes must be (B, 4) XYXY, got {tuple(boxes.shape)}")
+        if mask_input is not None and mask_input.ndim != 4:
+            raise ValueError(
+                f"mask_input must be (B, 1, {self._mask_hw_str()}), got {tuple(mask_input.shape)}"
+            )
+        return self._predict(
+            point_coords,
+            point_labels,
+            boxes,
+            mask_input,
+            multimask_output,
+            return_logits,
+            self.original_size,
+        )
+
+    def _predict(self, coords, labels, boxes, mask_input, multimask_output, return_logits, size):
+        pe = self.model.prompt_encoder
+        dev = self.device
+        sizes = {
+            name: t.shape[0]
+            for name, t in (("points", coords), ("boxes", boxes), ("mask_input", mask_input))
+            if t is not None
+        }
+        batch = max(sizes.values(), default=1)
+        if any(n not in (1, batch) for n in sizes.values()):
+            raise ValueError(f"prompt batch sizes disagree: {sizes}")
+        points = None
+        if coords is not None:
+            coords = coords.to(dev, torch.float32).expand(batch, -1, -1)
+            labels = labels.to(dev).expand(batch, -1)
+            points = (coords, labels)
+        if boxes is not None:
+            boxes = boxes.to(dev, torch.float32)
+        if mask_input is not None:
+            want = tuple(int(s) for s in pe.mask_input_size)
+            if tuple(mask_input.shape[-3:]) != (1, *want):
+                raise ValueError(
+                    f"mask_input must be (1, {want[0]}, {want[1]}) low-res logits per prompt "
+                    f"(e.g. low_res_logits[[i]] from a previous call), got "
+                    f"{tuple(mask_input.shape)}"
+                )
+            mask_input = mask_input.to(dev, torch.float32).expand(batch, -1, -1, -1)
+        sparse, dense = pe(points=points, boxes=boxes, masks=mask_input)
+        if sparse.shape[0] != batch:  # e.g. only a mask prompt
+            sparse = sparse.expand(batch, -1, -1)
+        low_res, iou = _fast_decoder.decode(
+            self.model.mask_decoder,
+            self._get_prepared(),
+            sparse,
+            dense if mask_input is not None else None,
+            multimask_output,
+            fast=self.fast_decoder,
+        )
+        masks = upsample_masks(low_res, self.input_size, size, self.transform.target_length)
+        if not return_logits:
+            masks = masks > getattr(self.model, "mask_threshold", 0.0)
+        return masks, iou, low_res

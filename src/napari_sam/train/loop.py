@@ -1,0 +1,617 @@
+"""CPU-friendly SAM training: interactive prompt simulation, checkpoints, resume, evaluation.
+
+One step: encode ``images_per_step`` images once, pick up to ``objects_per_image``
+objects per image, and for each object run the first prompt (a uniform positive point or
+a noisy box) plus a randomly long interactive session (correction clicks from the error
+region and rounds with only the previous logits as mask prompt, see
+:mod:`napari_sam.train.prompts`). The rounds in between run without gradients; the loss
+(:func:`napari_sam.train.losses.sam_loss`, on the 3 multimask outputs with the min-over-3
+rule and on the single-mask output) is taken on the first round and on the last.
+
+Frames: images are prepared like the predictor does (longest side resized to the
+canvas, contrast-normalised to 0-255 RGB, SAM pixel normalisation, zero padding to a
+square canvas); prompts are in canvas pixels, (x, y); low-res masks are canvas / 2.
+
+Checkpoints (``out_dir/last.pt``, atomic) hold the model, optimizer, step, RNG states,
+config and history, so ``train(cfg)`` with ``resume=True`` continues exactly where it
+stopped (same batches, same result as an uninterrupted run). ``out_dir/best.pt`` holds
+the weights with the best evaluation score.
+
+The entry point :func:`train` takes a :class:`TrainConfig` and an optional progress
+``callback(event: dict)``; events have ``kind`` "step", "eval" or "done".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import prompts as P
+from .synthetic import make_image
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (all JSON-serialisable; stored in every checkpoint)."""
+
+    out_dir: str = "runs/nsam"
+    model: dict = field(default_factory=dict)  # overrides of model.small_encoder.NSAM_S
+    init: str | None = None  # state_dict to start from (fine-tuning)
+    canvas: int = 256  # training frame side (multiple of 32)
+    steps: int = 3000
+    images_per_step: int = 4
+    objects_per_image: int = 6
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    train_encoder: bool = True  # False: encoder frozen, embeddings cached per image
+    box_prob: float = 0.5  # first prompt is a box with this probability, else a point
+    max_rounds: int = 4  # interactive rounds after the first, sampled in 0..max_rounds
+    mask_only_prob: float = 0.2  # probability that a later round adds no point
+    scale_range: tuple[float, float] = (0.6, 2.5)  # synthetic object-size multiplier
+    pad_prob: float = 0.2  # non-square images padded inside the canvas
+    kind: str = "mixed"
+    seed: int = 0
+    threads: int = 2
+    ckpt_every: int = 50
+    eval_every: int = 250
+    eval_images: int = 24
+    eval_objects: int = 8
+    eval_clicks: int = 3
+    eval_seed: int = 1_000_000  # held-out synthetic seeds start here (training never uses them)
+    patience: int = 0  # early stop after this many evaluations without improvement (0: off)
+    resume: bool = True
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def normalize_image(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Any-dtype (H, W) or (H, W, 3) image -> float32 (H, W, 3) in [0, 255] by percentiles."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 3):
+        raise ValueError(f"image must be (H, W) or (H, W, 3), got shape {image.shape}")
+    finite = np.isfinite(img)
+    lo, hi = np.percentile(img[finite], [low, high]) if finite.any() else (0.0, 1.0)
+    img = np.where(finite, img, lo)
+    img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    return img.astype(np.float32)
+
+
+@dataclass
+class Sample:
+    """One training image in the canvas frame.
+
+    ``image``: (3, S, S) float32, normalised and zero-padded; ``masks``: list of (S, S)
+    bool object masks (in the canvas frame, padded); ``key``: cache key for embeddings.
+    """
+
+    image: np.ndarray
+    masks: list
+    key: object = None
+
+
+def to_canvas(image, labels, canvas: int, low=0.5, high=99.5, min_area=8) -> Sample:
+    """Resize (longest side -> canvas), normalise and pad one image with its labels."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = np.asarray(labels)
+    img = normalize_image(image, low, high)
+    h, w = labels.shape
+    if img.shape[:2] != (h, w):
+        raise ValueError(f"image {img.shape[:2]} and labels {labels.shape} differ in size")
+    s = canvas / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    t = torch.from_numpy(img).permute(2, 0, 1)[None]
+    if (nh, nw) != (h, w):
+        t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        idx_y = np.minimum((np.arange(nh) + 0.5) / s, h - 1).astype(int)
+        idx_x = np.minimum((np.arange(nw) + 0.5) / s, w - 1).astype(int)
+        labels = labels[idx_y][:, idx_x]
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+    t = (t - mean) / std
+    out = torch.zeros((1, 3, canvas, canvas))
+    out[..., :nh, :nw] = t
+    lab = np.zeros((canvas, canvas), labels.dtype)
+    lab[:nh, :nw] = labels
+    ids, counts = np.unique(lab, return_counts=True)
+    masks = [lab == i for i, c in zip(ids, counts) if i != 0 and c >= min_area]
+    return Sample(out[0].numpy(), masks)
+
+
+class SyntheticSource:
+    """Endless synthetic training images (:func:`napari_sam.train.synthetic.make_image`)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        cfg = self.cfg
+        seed = int(rng.integers(0, cfg.eval_seed))  # never a held-out seed
+        lo, hi = cfg.scale_range
+        scale = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        bit_depth = [8, 16, None][rng.integers(3)]
+        shape = (cfg.canvas, cfg.canvas)
+        if rng.random() < cfg.pad_prob:
+            shape = (cfg.canvas, int(rng.integers(cfg.canvas // 2, cfg.canvas)))
+            if rng.random() < 0.5:
+                shape = shape[::-1]
+        image, labels = make_image(seed, shape, cfg.kind, bit_depth, scale=scale)
+        low, high = rng.uniform(0, 1.0), rng.uniform(99.0, 100.0)
+        return to_canvas(image, labels, cfg.canvas, low, high)
+
+
+class ArraySource:
+    """Training images from arrays (fine-tuning on annotations): cycles in random order."""
+
+    def __init__(self, images: Sequence, labels: Sequence, canvas: int):
+        if len(images) != len(labels) or not images:
+            raise ValueError("images and labels must be non-empty lists of equal length")
+        self.samples = []
+        for i, (im, lab) in enumerate(zip(images, labels)):
+            s = to_canvas(im, lab, canvas)
+            s.key = i
+            if s.masks:
+                self.samples.append(s)
+        if not self.samples:
+            raise ValueError("no labelled objects found in the training labels")
+
+    def sample(self, rng: np.random.Generator) -> Sample:
+        return self.samples[int(rng.integers(len(self.samples)))]
+
+
+def eval_set(cfg: TrainConfig, n: int | None = None) -> list[Sample]:
+    """The fixed held-out synthetic set: seeds ``eval_seed + i``, kinds in rotation."""
+    kinds = ["nuclei", "cells", "membrane", "elongated", "mixed"]
+    out = []
+    for i in range(cfg.eval_images if n is None else n):
+        rng = np.random.default_rng([cfg.eval_seed, i])
+        scale = float(np.exp(rng.uniform(np.log(0.7), np.log(2.0))))
+        image, labels = make_image(
+            cfg.eval_seed + i, (cfg.canvas, cfg.canvas), kinds[i % 5], [8, 16][i % 2], scale=scale
+        )
+        s = to_canvas(image, labels, cfg.canvas, min_area=30)
+        # fixed subset of objects per image
+        idx = rng.permutation(len(s.masks))[: cfg.eval_objects]
+        s.masks = [s.masks[j] for j in sorted(idx)]
+        s.key = ("eval", i)
+        out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------- model I/O
+
+
+def build_model(cfg: TrainConfig):
+    """Build the nsam model from ``cfg.model`` (+ ``cfg.init`` weights), canvas-sized."""
+    from napari_sam.model.small_encoder import build_nsam, set_canvas
+
+    model = build_nsam(cfg.model, checkpoint=cfg.init)
+    set_canvas(model, cfg.canvas)
+    return model
+
+
+def _decode(model, emb, coords, labels, boxes, masks):
+    """One decoder pass for K prompts on one image embedding (1, C, h, w).
+
+    coords (K, N, 2) / labels (K, N) or None, boxes (K, 4) or None, masks (K, 1, 4h, 4w)
+    or None. Returns logits (K, 4, 4h, 4w) (index 0: single-mask output, 1-3: multimask)
+    and predicted IoU (K, 4).
+    """
+    import torch
+
+    pts = (coords, labels) if coords is not None else None
+    sparse, dense = model.prompt_encoder(points=pts, boxes=boxes, masks=masks)
+    pe = model.prompt_encoder.get_dense_pe()
+    # emb stays (1, C, h, w): the decoder repeats it for the K prompts
+    logits, iou = model.mask_decoder.predict_masks(
+        image_embeddings=emb,
+        image_pe=pe,
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+    )
+    return logits, iou if isinstance(iou, torch.Tensor) else torch.as_tensor(iou)
+
+
+def _stack_prompts(its: list[P.Interaction], torch):
+    """Batch K interactions (same number of points each) into prompt tensors."""
+    n = its[0].points.shape[0]
+    coords = labels = boxes = masks = None
+    if n:
+        coords = torch.from_numpy(np.stack([it.points for it in its]))
+        labels = torch.from_numpy(np.stack([it.labels for it in its]))
+    if its[0].box is not None:
+        boxes = torch.from_numpy(np.stack([it.box for it in its]))
+    if its[0].mask_input is not None:
+        masks = torch.stack([it.mask_input for it in its])
+    return coords, labels, boxes, masks
+
+
+def _low_res_targets(masks: list, torch) -> object:
+    """(K, 1, S/2, S/2) soft targets from (S, S) bool masks (2x2 average)."""
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.stack(masks)).float()[:, None]
+    return F.avg_pool2d(t, 2)
+
+
+def _upsample(logits, size):
+    import torch.nn.functional as F
+
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def _round_loss(logits, iou, target):
+    from .losses import sam_loss
+
+    multi = sam_loss(logits[:, 1:], iou[:, 1:], target)
+    single = sam_loss(logits[:, :1], iou[:, :1], target)
+    return multi.total + single.total, multi
+
+
+def _session_step(model, emb, sample: Sample, obj_idx, cfg: TrainConfig, rng, torch):
+    """Loss of one image's objects over a sampled interactive session."""
+    masks = [sample.masks[i] for i in obj_idx]
+    target = _low_res_targets(masks, torch)
+    kind = "box" if rng.random() < cfg.box_prob else "point"
+    its = [P.start(m, rng, kind) for m in masks]
+    n_rounds = int(rng.integers(0, cfg.max_rounds + 1))
+    total = 0.0
+    stats = {}
+    size = masks[0].shape
+    for r in range(n_rounds + 1):
+        grad = r == 0 or r == n_rounds
+        with torch.set_grad_enabled(grad):
+            logits, iou = _decode(model, emb, *_stack_prompts(its, torch))
+        if grad:
+            loss, multi = _round_loss(logits, iou, target)
+            total = total + loss
+            if r == 0:
+                stats["iou0"] = float(multi.actual_iou.max(1).values.mean())
+                stats["kind"] = kind
+        if r == n_rounds:
+            break
+        with torch.no_grad():
+            multi_logits = logits[:, 1:].detach()
+            # previous mask: the best of the three (min-loss choice), as SAM's training
+            actual = (multi_logits > 0).flatten(2)
+            t = (target > 0.5).flatten(2)
+            inter = (actual & t).sum(-1).float()
+            union = (actual | t).sum(-1).float().clamp(min=1)
+            best = (inter / union).argmax(1)
+            prev = multi_logits[torch.arange(len(its)), best][:, None]  # K x 1 x h x w
+            pred = (_upsample(prev, size) > 0)[:, 0].numpy()
+        add_point = rng.random() >= cfg.mask_only_prob
+        mode = "center" if rng.random() < 0.5 else "uniform"
+        for k, it in enumerate(its):
+            it.mask_input = prev[k]
+            if add_point:
+                c = P.correction_point(pred[k], masks[k], rng, mode)
+                if c is None:  # perfect already: a padding point keeps shapes aligned
+                    it.points = np.concatenate([it.points, np.zeros((1, 2), np.float32)])
+                    it.labels = np.concatenate([it.labels, np.array([-1], np.int64)])
+                else:
+                    it.add_point(c[0][0], c[1])
+    return total / (2 if n_rounds else 1), stats
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def evaluate(model, samples: list[Sample], n_clicks: int = 3, callback=None) -> dict:
+    """Mean IoU on ``samples``: 1 box, 1 point, and point + 1..n_clicks corrections.
+
+    Box: single-mask output (``multimask_output=False``) and the highest-predicted-IoU of
+    the 3 multimask outputs (``box3``). Point: highest predicted IoU of the 3 (what the
+    plugin shows by default). Corrections: centre-of-error clicks with the previous
+    low-res logits as mask prompt, single-mask output. IoU at the canvas resolution.
+    """
+    import torch
+
+    model.eval()
+    ious: dict[str, list] = {"box": [], "box3": [], "point": []}
+    for c in range(1, n_clicks + 1):
+        ious[f"click{c}"] = []
+    rng = np.random.default_rng(0)
+    with torch.inference_mode():
+        for si, s in enumerate(samples):
+            if not s.masks:
+                continue
+            emb = model.image_encoder(torch.from_numpy(s.image)[None])
+            size = s.masks[0].shape
+            gt = np.stack(s.masks)
+            tgt = torch.from_numpy(gt)
+
+            def iou_of(logits):
+                pred = (_upsample(logits, size) > 0)[:, 0]
+                inter = (pred & tgt).flatten(1).sum(1).float()
+                union = (pred | tgt).flatten(1).sum(1).float().clamp(min=1)
+                return (inter / union).numpy(), pred.numpy()
+
+            boxes = torch.from_numpy(np.stack([P.mask_box(m) for m in s.masks]))
+            logits, iou = _decode(model, emb, None, None, boxes, None)
+            ious["box"] += list(iou_of(logits[:, :1])[0])
+            pick = iou[:, 1:].argmax(1) + 1
+            ious["box3"] += list(iou_of(logits[torch.arange(len(pick)), pick][:, None])[0])
+            its = [P.start(m, rng, "point") for m in s.masks]
+            # deterministic first point: the object's innermost pixel (centre click)
+            for it, m in zip(its, s.masks):
+                it.points[0] = P.correction_point(np.zeros_like(m), m, mode="center")[0][0]
+            logits, iou = _decode(model, emb, *_stack_prompts(its, torch))
+            pick = iou[:, 1:].argmax(1) + 1
+            prev = logits[torch.arange(len(pick)), pick][:, None]
+            v, pred = iou_of(prev)
+            ious["point"] += list(v)
+            for c in range(1, n_clicks + 1):
+                for k, it in enumerate(its):
+                    it.mask_input = prev[k]
+                    cp = P.correction_point(pred[k], s.masks[k], mode="center")
+                    if cp is None:
+                        it.points = np.concatenate([it.points, np.zeros((1, 2), np.float32)])
+                        it.labels = np.concatenate([it.labels, np.array([-1], np.int64)])
+                    else:
+                        it.add_point(cp[0][0], cp[1])
+                logits, iou = _decode(model, emb, *_stack_prompts(its, torch))
+                prev = logits[:, :1]
+                v, pred = iou_of(prev)
+                ious[f"click{c}"] += list(v)
+            if callback:
+                callback({"kind": "eval_progress", "done": si + 1, "total": len(samples)})
+    out = {k: float(np.mean(v)) if v else float("nan") for k, v in ious.items()}
+    out["objects"] = len(ious["box"])
+    return out
+
+
+def score(metrics: dict) -> float:
+    """Model-selection score: mean of box and point mIoU."""
+    return 0.5 * (metrics["box"] + metrics["point"])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state(rng, torch):
+    return {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(rng, state, torch):
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(path, model, opt, step, rng, cfg, history, best, torch) -> None:
+    """Atomic write of the full training state to ``path``."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "rng": _rng_state(rng, torch),
+        "config": cfg.to_json(),
+        "model_config": dict(model.nsam_config),
+        "history": history,
+        "best": best,
+    }
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a training checkpoint written by :func:`save_checkpoint` (a dict)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def export_weights(model, path, metrics: dict | None = None, half: bool = True) -> dict:
+    """Write the model's state_dict (float16 if ``half``) and a JSON sidecar of config+metrics."""
+    import hashlib
+
+    import torch
+
+    path = Path(path)
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).clone()
+        for k, v in model.state_dict().items()
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    info = {
+        "model_type": model.nsam_config.get("model_type", "nsam_s"),
+        "config": dict(model.nsam_config),
+        "file": path.name,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "bytes": path.stat().st_size,
+        "dtype": "float16" if half else "float32",
+        "metrics": metrics or {},
+    }
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train(
+    cfg: TrainConfig,
+    callback: Callable[[dict], None] | None = None,
+    source=None,
+    eval_samples: list[Sample] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+):
+    """Train (or resume) and return ``(model, history)``.
+
+    Args:
+        cfg: settings; ``cfg.out_dir`` receives ``last.pt``, ``best.pt``, ``log.jsonl``.
+        callback: called with dict events ("step": step, loss, lr, seconds; "eval":
+            step, metrics; "done": step, reason).
+        source: object with ``sample(rng) -> Sample`` (default :class:`SyntheticSource`).
+        eval_samples: held-out samples (default :func:`eval_set`).
+        should_stop: polled every step (e.g. a cancel button); stops after a checkpoint.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last = out / "last.pt"
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = build_model(cfg)
+    params = [
+        p for n, p in model.named_parameters() if cfg.train_encoder or "image_encoder" not in n
+    ]
+    if not cfg.train_encoder:
+        for p in model.image_encoder.parameters():
+            p.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, history, best = 0, [], {"score": -1.0, "step": -1, "metrics": None}
+    if cfg.resume and last.exists():
+        ck = load_checkpoint(last)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, history, best = ck["step"], ck["history"], ck["best"]
+        _set_rng_state(rng, ck["rng"], torch)
+    source = source or SyntheticSource(cfg)
+    if eval_samples is None and cfg.eval_every:
+        eval_samples = eval_set(cfg)
+    log = open(out / "log.jsonl", "a")  # noqa: SIM115
+    emb_cache: dict = {}
+    stale = 0
+    reason = "steps"
+
+    def emit(ev):
+        log.write(json.dumps(ev) + "\n")
+        log.flush()
+        if callback:
+            callback(ev)
+
+    def run_eval():
+        nonlocal stale, best
+        m = evaluate(model, eval_samples, cfg.eval_clicks)
+        sc = score(m)
+        history.append({"step": step, **m})
+        improved = sc > best["score"]
+        if improved:
+            best = {"score": sc, "step": step, "metrics": m}
+            stale = 0
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "model_config": dict(model.nsam_config),
+                    "metrics": m,
+                    "step": step,
+                },
+                out / "best.pt",
+            )
+        else:
+            stale += 1
+        emit({"kind": "eval", "step": step, "score": sc, "best": improved, **m})
+
+    try:
+        while step < cfg.steps:
+            if should_stop is not None and should_stop():
+                reason = "stopped"
+                break
+            t0 = time.perf_counter()
+            model.train()
+            if not cfg.train_encoder:
+                model.image_encoder.eval()
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            samples = [source.sample(rng) for _ in range(cfg.images_per_step)]
+            samples = [s for s in samples if s.masks]
+            if not samples:
+                step += 1
+                continue
+            x = torch.from_numpy(np.stack([s.image for s in samples]))
+            if cfg.train_encoder:
+                emb = model.image_encoder(x)
+            else:
+                embs = []
+                for s in samples:
+                    key = s.key
+                    if key is None or key not in emb_cache:
+                        with torch.no_grad():
+                            e = model.image_encoder(torch.from_numpy(s.image)[None])[0]
+                        if key is not None:
+                            emb_cache[key] = e
+                    else:
+                        e = emb_cache[key]
+                    embs.append(e)
+                emb = torch.stack(embs)
+            loss = 0.0
+            stats = []
+            for i, s in enumerate(samples):
+                k = min(cfg.objects_per_image, len(s.masks))
+                idx = rng.choice(len(s.masks), size=k, replace=False)
+                li, st = _session_step(model, emb[i : i + 1], s, idx, cfg, rng, torch)
+                loss = loss + li / len(samples)
+                stats.append(st)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            emit(
+                {
+                    "kind": "step",
+                    "step": step,
+                    "loss": float(loss.detach()),
+                    "iou0": float(np.mean([s["iou0"] for s in stats])),
+                    "lr": opt.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                run_eval()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch)
+            if cfg.patience and stale >= cfg.patience:
+                reason = "early_stop"
+                break
+        save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch)
+    finally:
+        emit({"kind": "done", "step": step, "reason": reason, "best": best["score"]})
+        log.close()
+    return model, history
+
+
+def model_copy(model):
+    """Deep copy of a model (for before/after comparisons)."""
+    return copy.deepcopy(model)
