@@ -2,8 +2,8 @@
 
 - ``tiny_predictor()``: a small random-weight SAM behind the predictor contract
   (``set_image``, ``get_embedding``/``set_embedding``, ``predict``, ``predict_torch``,
-  ``transform``). It uses ``napari_sam.build_sam`` + ``napari_sam.SamPredictor`` when the
-  package has them, else the official segment-anything classes with a thin adapter.
+  ``transform``): ``napari_sam.SamPredictor`` on a tiny config of the project's SAM, or
+  (``kind="official"``) segment-anything's classes with a thin adapter.
 - ``count_encoder_runs(model)``: counts real forward calls of the image encoder.
 - ``ellipsoid_volume`` / ``tube_volume``: synthetic stacks with known extent.
 """
@@ -94,13 +94,40 @@ def _official_tiny_predictor(img_size: int = 128, seed: int = 0):
     return Adapter(model)
 
 
-def tiny_predictor(seed: int = 0):
-    """A fresh predictor around a small random-weight SAM (see module docstring)."""
-    return _official_tiny_predictor(seed=seed)
+#: A small config of the project's own SAM (CNN encoder + SAM's prompt encoder/decoder).
+TINY_NSAM = {
+    "img_size": 128,
+    "widths": [8, 8, 16, 16, 32],
+    "depths": [0, 1, 1, 1, 1],
+    "embed_dim": 32,
+    "mask_in_chans": 4,
+    "decoder_num_heads": 2,
+    "decoder_mlp_dim": 64,
+    "iou_head_hidden_dim": 32,
+}
+
+
+def tiny_predictor(seed: int = 0, kind: str = "ours"):
+    """A fresh predictor around a small random-weight SAM, without its own cache.
+
+    kind="ours": ``napari_sam.SamPredictor`` on the project's small SAM architecture;
+    kind="official": segment-anything's predictor and ViT behind the same contract.
+    ``cache_bytes=0`` so that every ``set_image`` is a real encoder run (the embedding store
+    is the cache under test).
+    """
+    if kind == "official":
+        return _official_tiny_predictor(seed=seed)
+    from napari_sam.model.small_encoder import build_nsam
+    from napari_sam.predictor import SamPredictor
+
+    torch.manual_seed(seed)
+    return SamPredictor(build_nsam(TINY_NSAM), cache_bytes=0)
 
 
 def twin_predictor(predictor):
     """A second predictor sharing ``predictor``'s model (for decode/encode overlap)."""
+    if hasattr(predictor, "cache"):
+        return type(predictor)(predictor.model, cache_bytes=0)
     return type(predictor)(predictor.model)
 
 

@@ -270,3 +270,11 @@ def test_weights_hash_and_paths(tmp_path, predictor, monkeypatch):
     assert p == tmp_path / "cells.tif.napari-sam" / "vit_b_p1-99.zarr"
     monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path / "cache"))
     assert default_store_path(key="vit_b").parent == tmp_path / "cache" / "embeddings"
+
+
+def test_works_with_the_official_predictor_behind_the_contract(tmp_path, stack):
+    official = tiny_predictor(kind="official")
+    store = EmbeddingStore(stack, official, tmp_path / "o.zarr", dtype="float32")
+    emb = store.get(2)
+    assert torch.equal(emb.features, _direct(official, stack[2]))
+    assert EmbeddingStore(stack, official, tmp_path / "o.zarr", dtype="float32").is_done(2)
