@@ -16,9 +16,11 @@ Sections (each timed in a fresh subprocess so that peak RSS is per section):
    size of all embeddings (``--budget-mb``), against the size of all embeddings.
 5. 3D Dice on synthetic volumes (ellipsoid, tube) when the default model is available.
 
-``--model``: ``default`` = ``napari_sam.load_model()`` (skipped sections if absent); ``tiny``
-= a small random-weight SAM from tests/volume_helpers.py; ``vit_t``/``vit_b`` = random
-weights via ``napari_sam.build_sam``; or a checkpoint path.
+``--model``: ``default`` = ``napari_sam.load_model()``; ``nsam_s`` = the default model's
+architecture with random weights (same speed); ``tiny`` = a small random-weight SAM from
+tests/volume_helpers.py; ``vit_t``/``vit_b`` = random weights via ``napari_sam.build_sam``;
+or a checkpoint path. Timing sections walk every slice (stop criteria off), so random
+weights time the same work as trained ones.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ def make_predictors(model_name: str):
     if model_name == "default":
         model = napari_sam.load_model()
         label = "default model"
+    elif model_name == "nsam_s":
+        from napari_sam.model.small_encoder import build_nsam
+
+        model = build_nsam()
+        label = "nsam_s (default-model architecture, random weights)"
     elif model_name in ("vit_t", "vit_b", "vit_l", "vit_h"):
         model = napari_sam.build_sam(model_name)
         label = f"{model_name} (random weights)"
