@@ -50,8 +50,11 @@ def make_predictors(model_name: str):
 
         p = tiny_predictor()
         return p, twin_predictor(p), "tiny random SAM (tests)"
+    import torch
+
     import napari_sam
 
+    torch.manual_seed(0)  # random-weight models must be the same in every section
     if model_name == "default":
         model = napari_sam.load_model()
         label = "default model"
