@@ -108,6 +108,11 @@ def stack_on_disk(n: int, size: int, folder: Path):
     return folder / "image.zarr", folder / "labels.npy"
 
 
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -117,6 +122,8 @@ def run_section(name: str, args, folder: Path) -> dict:
     """Run one section in a fresh interpreter; returns its JSON result."""
     cmd = [sys.executable, __file__, "--section", name, "--folder", str(folder),
            "--model", args.model, "--budget-mb", str(args.budget_mb)]  # fmt: skip
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.stderr.write(out.stderr)
@@ -144,18 +151,24 @@ def section(name: str, folder: Path, model_name: str, budget_mb: float) -> dict:
     def new_store(path=store_path, **kw):
         return EmbeddingStore(image, enc, path, cache_bytes=int(budget_mb * 2**20), **kw)
 
-    def run_propagation(store, prefetch):
+    def run_propagation(store, prefetch, on_slice=None):
+        """Returns (total s, median s per slice, CPU s, slices visited, state)."""
         mid = n // 2
         state = PropagationState(n, image.shape[1:])
         for obj in (1, 2):
             state.add_anchor(obj, mid, np.asarray(labels[mid]) == obj)
-        t0 = time.perf_counter()
-        visited = set()
+        t0, c0 = time.perf_counter(), time.process_time()
+        marks, last_z = [t0], None
         for step in propagate(store, dec, state, prefetch=prefetch, criteria=walk):
-            if step.mask is not None:
-                visited.add(step.z)
-        dt = time.perf_counter() - t0
-        return dt, len(visited), state
+            if step.mask is not None and step.z != last_z:
+                marks.append(time.perf_counter())
+                last_z = step.z
+                if on_slice is not None:
+                    on_slice(len(marks) - 1)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        # Per-slice time: between the first results of consecutive slices (robust median).
+        per = float(np.median(np.diff(marks))) if len(marks) > 1 else float("nan")
+        return dt, per, cpu, len(marks) - 1, state
 
     if name == "precompute":
         store = new_store(overwrite=True)
@@ -176,26 +189,30 @@ def section(name: str, folder: Path, model_name: str, budget_mb: float) -> dict:
             store.get(z)
         result.update(open_s=t_open, read_all_s=time.perf_counter() - t0 - t_open,
                       encoder_runs=store.encoder_runs)  # fmt: skip
-    elif name == "warm":
-        store = new_store()
-        dt, k, _ = run_propagation(store, prefetch=True)
-        result.update(total_s=dt, slices=k, per_slice_s=dt / k, encoder_runs=store.encoder_runs)
-    elif name in ("cold_prefetch", "cold_noprefetch"):
-        store = new_store(path=None)
-        dt, k, _ = run_propagation(store, prefetch=name == "cold_prefetch")
-        result.update(total_s=dt, slices=k, per_slice_s=dt / k, encoder_runs=store.encoder_runs)
+    elif name in ("warm", "cold_prefetch", "cold_noprefetch"):
+        store = new_store() if name == "warm" else new_store(path=None)
+        dt, per, cpu, k, _ = run_propagation(store, prefetch=name != "cold_noprefetch")
+        result.update(total_s=dt, per_slice_s=per, cpu_s=cpu, slices=k,
+                      encoder_runs=store.encoder_runs)  # fmt: skip
     elif name == "rss":
-        base = peak_rss_mb()
+        base = current_rss_mb()
+        marks = {}
+
+        def mark(key, i, total):
+            if i in (total // 4, total):
+                marks[f"{key}_{'quarter' if i < total else 'end'}"] = current_rss_mb()
+
         store = new_store(path=folder / "emb_rss.zarr", overwrite=True)
-        store.precompute()
+        for ev in store.iter_precompute():
+            mark("precompute", ev.done, n)
         store.clear_memory()
         store2 = new_store(path=folder / "emb_rss2.zarr", overwrite=True)
-        run_propagation(store2, prefetch=True)
+        run_propagation(store2, prefetch=True, on_slice=lambda i: mark("propagate", i, n - 1))
         feat = store.get(0).features
         all_mb = n * feat.numel() * 4 / 2**20
         result.update(peak_rss_mb=peak_rss_mb(), rss_before_mb=base, budget_mb=budget_mb,
-                      all_embeddings_f32_mb=all_mb,
-                      image_mb=image.nbytes / 2**20)  # fmt: skip
+                      all_embeddings_f32_mb=all_mb, image_mb=image.nbytes / 2**20,
+                      **marks)  # fmt: skip
     elif name == "dice":
         result.update(dice_sections(enc, dec))
     print(json.dumps(result))
@@ -242,10 +259,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--budget-mb", type=float, default=32.0)
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--section", help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.section:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         section(args.section, args.folder, args.model, args.budget_mb)
         return
 
@@ -284,14 +306,17 @@ def main() -> None:
                       ("cold_noprefetch", "cold, prefetch off")):  # fmt: skip
         x = r[key]
         lines.append(
-            f"| propagation, 2 objects, {text} | {x['per_slice_s'] * 1e3:.0f} ms/slice "
-            f"({x['slices']} slices, {x['total_s']:.2f} s, {x['encoder_runs']} encoder runs) |"
+            f"| propagation, 2 objects, {text} | {x['per_slice_s'] * 1e3:.0f} ms/slice median "
+            f"({x['slices']} slices in {x['total_s']:.1f} s, CPU {x['cpu_s']:.1f} s, "
+            f"{x['encoder_runs']} encoder runs) |"
         )
     x = r["rss"]
     lines.append(
-        f"| peak RSS, precompute + cold propagation | {x['peak_rss_mb']:.0f} MB (process "
-        f"after imports/model {x['rss_before_mb']:.0f} MB; all embeddings as float32 "
-        f"{x['all_embeddings_f32_mb']:.0f} MB; image {x['image_mb']:.0f} MB on disk) |"
+        f"| RSS, precompute then cold propagation | start {x['rss_before_mb']:.0f} MB; "
+        f"precompute at 1/4: {x['precompute_quarter']:.0f} MB, end: {x['precompute_end']:.0f} MB; "
+        f"propagation at 1/4: {x['propagate_quarter']:.0f} MB, end: {x['propagate_end']:.0f} MB; "
+        f"peak {x['peak_rss_mb']:.0f} MB (all embeddings as float32: "
+        f"{x['all_embeddings_f32_mb']:.0f} MB; image {x['image_mb']:.0f} MB, on disk) |"
     )
     if dice is not None:
         for key in ("ellipsoid", "tube"):

@@ -143,16 +143,41 @@ class Anchor:
     mask: np.ndarray
     logits: np.ndarray | None = None
 
+    #: Anchors always win over propagated results.
+    score = float("inf")
+
 
 @dataclass
 class SliceResult:
-    """A propagated mask. mask ``(rows, cols)`` bool; score: predicted IoU."""
+    """A propagated mask, kept cropped to its bounding box (memory grows with the objects'
+    size, not with the slice size). score: predicted IoU; ``mask``: full ``(rows, cols)``
+    bool, built on access."""
 
     z: int
-    mask: np.ndarray
     score: float
     anchor_z: int
     direction: int
+    crop: np.ndarray  # (r1 - r0, c1 - c0) bool
+    offset: tuple[int, int]  # (r0, c0)
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_mask(cls, z, mask, score, anchor_z, direction) -> SliceResult:
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        if rows.size:
+            r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        else:
+            r0 = r1 = c0 = c1 = 0
+        crop = np.array(mask[r0:r1, c0:c1], dtype=bool)
+        return cls(z, float(score), anchor_z, direction, crop, (int(r0), int(c0)), mask.shape)
+
+    @property
+    def mask(self) -> np.ndarray:
+        out = np.zeros(self.shape, bool)
+        r0, c0 = self.offset
+        out[r0 : r0 + self.crop.shape[0], c0 : c0 + self.crop.shape[1]] = self.crop
+        return out
 
 
 @dataclass(frozen=True)
@@ -200,16 +225,15 @@ class ObjectTrack:
         above = [a for a in self.anchors if a > z]
         return (max(below) if below else None, min(above) if above else None)
 
-    def best(self, z: int) -> tuple[np.ndarray, float, str] | None:
-        """(mask, score, source) on z: the anchor, else the better-scored propagated mask."""
+    def best(self, z: int) -> Anchor | SliceResult | None:
+        """What the object is on z: its anchor, else the better-scored propagated result
+        (higher predicted IoU; on a tie the one nearer its anchor), or None."""
         if z in self.anchors:
-            return self.anchors[z].mask, float("inf"), "anchor"
+            return self.anchors[z]
         cands = [r for r in (self.up.get(z), self.down.get(z)) if r is not None]
         if not cands:
             return None
-        # Higher score wins; on a tie the nearer anchor.
-        r = max(cands, key=lambda r: (r.score, -abs(r.z - r.anchor_z)))
-        return r.mask, r.score, "up" if r.direction == UP else "down"
+        return max(cands, key=lambda r: (r.score, -abs(r.z - r.anchor_z)))
 
     def _drop_front(self, anchor_z: int, direction: int) -> None:
         res = self.results(direction)
@@ -290,7 +314,7 @@ class PropagationState:
     def mask(self, obj_id: int, z: int) -> np.ndarray | None:
         """Object's mask on slice z (anchor or best propagated), or None."""
         best = self.objects[obj_id].best(z)
-        return None if best is None else best[0]
+        return None if best is None else best.mask
 
     def object_slices(self, obj_id: int) -> list[int]:
         track = self.objects[obj_id]
@@ -572,9 +596,9 @@ def _sweep(ctx: _SweepContext, d: int, fronts: list[_Front], after: list[_Front]
                 track.stops[(f.anchor_z, d)] = (z, reason)
                 yield PropagationStep(z, track.obj_id, mask, score, reason, d, f.anchor_z)
                 continue
-            track.results(d)[z] = SliceResult(z, mask, score, f.anchor_z, d)
-            best = track.best(z)
-            chosen = best is not None and best[0] is mask
+            res = SliceResult.from_mask(z, mask, score, f.anchor_z, d)
+            track.results(d)[z] = res
+            chosen = track.best(z) is res
             f.prev_mask, f.prev_logits, f.z = mask, logits, z + d
             yield PropagationStep(z, track.obj_id, mask, score, None, d, f.anchor_z, chosen)
 
