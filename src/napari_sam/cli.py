@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("napari_sam._cli_models", "list known model checkpoints and the cache"),
     "download": ("napari_sam._cli_download", "download model checkpoints into the cache"),
+    "export": ("napari_sam.io.export_cmd", "convert labels between TIFF, zarr and OME-Zarr"),
 }
 
 
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        # OSError covers FileNotFoundError, FileExistsError, PermissionError and full disks
         print(f"napari-sam {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -45,7 +45,7 @@ ContrastMode = Literal["auto", "percentile", "window", "minmax"]
 _MODES = ("auto", "percentile", "window", "minmax")
 
 #: Pixel count above which percentiles are estimated on a regular subsample.
-PERCENTILE_SAMPLE = 1 << 22
+PERCENTILE_SAMPLE = 1 << 20
 
 #: Common CT windows in Hounsfield units as (center, width); textbook radiology values.
 CT_WINDOWS: dict[str, tuple[float, float]] = {

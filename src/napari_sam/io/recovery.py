@@ -1,0 +1,392 @@
+"""Autosave recovery store: every committed object survives a crash.
+
+One folder per image (keyed by :func:`image_key`) under
+``<cache>/recovery/<key>/`` (``<cache>`` = ``$NAPARI_SAM_CACHE`` or the platformdirs user
+cache folder). Each commit is one small compressed ``.npz`` file holding the object's
+mask cropped to its bounding box, its offset and its :class:`ObjectRecord` as JSON,
+written atomically (temporary sibling, fsync, rename, fsync of the folder). A process
+killed at any instant therefore leaves every earlier commit complete on disk and at most
+one hidden temporary, which restore ignores and :meth:`RecoveryStore.clear` removes.
+One process writes to a store at a time (records are ordered by a sequence number).
+
+A new process calls :func:`list_recoverable` to offer a restore, then
+:meth:`RecoveryStore.restore` to rebuild the labels and the session; after the user has
+saved or exported the labels successfully, the caller clears the store with
+:meth:`RecoveryStore.clear` (never automatic).
+
+Commit semantics: ``commit(object_id, mask)`` means "after this commit, exactly the pixels
+of ``mask`` carry ``object_id``" (pass the mask as it was painted); it overwrites other
+ids there. ``delete(object_id)`` removes an object. Restoring replays the records in
+order, so the restored labels equal the labels at the last commit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_sam.io.atomic import TEMP_PREFIX, atomic_write_bytes, atomic_write_text
+from napari_sam.io.session import ObjectRecord, SessionRecord
+
+__all__ = [
+    "RecoveredState",
+    "RecoveryInfo",
+    "RecoveryStore",
+    "image_key",
+    "list_recoverable",
+    "recovery_root",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_ENTRY = re.compile(r"^(\d{10})-(\d+)-(commit|delete)-(\d+)\.npz$")
+_FULL_HASH_BYTES = 1 << 30
+
+
+def recovery_root() -> Path:
+    """``$NAPARI_SAM_CACHE/recovery`` or the platformdirs user cache ``.../recovery``."""
+    env = os.environ.get("NAPARI_SAM_CACHE")
+    if env:
+        base = Path(env).expanduser()
+    else:
+        import platformdirs
+
+        base = Path(platformdirs.user_cache_dir("napari-sam"))
+    return base / "recovery"
+
+
+def image_key(image: Any, name: str = "") -> str:
+    """A content signature of an image (numpy, dask or zarr), 32 hex characters.
+
+    Hashes shape, dtype and every value (region by region, no full copy) for images up to
+    1 GiB; larger images hash every k-th plane along the first axis (k chosen to read
+    about 1 GiB), so two large images differing only between sampled planes would share
+    a key (the stored shape and name still tell them apart in the list).
+    """
+    from napari_sam.io._arrays import default_chunks, iter_input_regions, read_block
+
+    shape = tuple(int(s) for s in image.shape)
+    dtype = np.dtype(image.dtype)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((shape, dtype.str, name)).encode())
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if nbytes <= _FULL_HASH_BYTES or len(shape) < 3:
+        for region in iter_input_regions(image, default_chunks(shape)):
+            h.update(np.ascontiguousarray(read_block(image, region)).tobytes())
+    else:
+        step = int(np.ceil(nbytes / _FULL_HASH_BYTES))
+        for i in range(0, shape[0], step):
+            h.update(np.ascontiguousarray(read_block(image, (slice(i, i + 1),))).tobytes())
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RecoveryInfo:
+    """One recoverable annotation session, as listed at start-up."""
+
+    key: str
+    path: Path
+    image_name: str
+    shape: tuple[int, ...]
+    n_commits: int
+    modified: float  # POSIX time of the newest record
+    source: str = ""
+
+
+@dataclass
+class RecoveredState:
+    """What :meth:`RecoveryStore.restore` rebuilt. ``damaged``: unreadable records skipped."""
+
+    labels: np.ndarray
+    session: SessionRecord
+    n_records: int
+    damaged: list[str] = field(default_factory=list)
+
+
+class RecoveryStore:
+    """Crash-safe log of committed objects for one image.
+
+    Parameters
+    ----------
+    key : image identity, normally :func:`image_key` of the image.
+    shape : labels shape (required to create a new store; checked against an existing one).
+    image_name, source : shown when offering a restore.
+    session : optional session-wide settings (model, contrast, ...) to restore with.
+    root : folder holding the stores (default :func:`recovery_root`).
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        shape: tuple[int, ...] | None = None,
+        image_name: str = "",
+        source: str = "",
+        session: SessionRecord | None = None,
+        root: str | os.PathLike | None = None,
+    ):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", key or ""):
+            raise ValueError(
+                f"recovery key must be 1-128 letters, digits, '_', '-', '.'; got {key!r}"
+            )
+        self.key = key
+        self.path = Path(root) / key if root is not None else recovery_root() / key
+        manifest = self.path / MANIFEST
+        if manifest.exists():
+            self.manifest = self._read_manifest()
+            stored = tuple(self.manifest["shape"])
+            if shape is not None and tuple(int(s) for s in shape) != stored:
+                raise ValueError(
+                    f"the recovery store {str(self.path)!r} belongs to an image of shape "
+                    f"{stored}, not {tuple(shape)}: it was made for another image"
+                )
+        else:
+            if shape is None:
+                raise FileNotFoundError(
+                    f"no recovery store for key {key!r} in {str(self.path.parent)!r}"
+                )
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.manifest = {
+                "kind": "napari-sam-recovery",
+                "format_version": FORMAT_VERSION,
+                "key": key,
+                "shape": [int(s) for s in shape],
+                "image_name": image_name,
+                "source": str(source),
+                "created": _now(),
+                "session": session.to_dict() if session is not None else None,
+            }
+            atomic_write_text(manifest, json.dumps(self.manifest, indent=1), overwrite=True)
+        self.shape = tuple(int(s) for s in self.manifest["shape"])
+        self._seq = max((e[0] for e in self._entries()), default=0)
+
+    # -- reading the log
+    def _read_manifest(self) -> dict[str, Any]:
+        try:
+            m = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"recovery store {str(self.path)!r} is damaged ({e})") from e
+        if m.get("kind") != "napari-sam-recovery" or "shape" not in m:
+            raise ValueError(f"{str(self.path)!r} is not a napari-sam recovery store")
+        if int(m.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"recovery store {str(self.path)!r} was written by a newer napari-sam; upgrade"
+            )
+        return m
+
+    def _entries(self) -> list[tuple[int, int, str, int, Path]]:
+        out = []
+        if not self.path.is_dir():
+            return out
+        for f in self.path.iterdir():
+            m = _ENTRY.match(f.name)
+            if m:
+                out.append((int(m[1]), int(m[2]), m[3], int(m[4]), f))
+        out.sort(key=lambda e: (e[0], e[1]))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._entries())
+
+    def stale_temporaries(self) -> list[Path]:
+        """Hidden temporaries left by a process killed while writing (safe to delete)."""
+        return (
+            [f for f in self.path.iterdir() if TEMP_PREFIX in f.name] if self.path.is_dir() else []
+        )
+
+    # -- writing
+    def _write(self, kind: str, object_id: int, arrays: dict[str, np.ndarray]) -> Path:
+        self._seq += 1
+        name = f"{self._seq:010d}-{os.getpid()}-{kind}-{object_id}.npz"
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        return atomic_write_bytes(self.path / name, buf.getvalue())
+
+    def commit(
+        self,
+        object_id: int,
+        mask: Any,
+        *,
+        offset: tuple[int, ...] | None = None,
+        record: ObjectRecord | None = None,
+    ) -> Path:
+        """Record that exactly the pixels of ``mask`` carry ``object_id`` now.
+
+        ``mask``: bool array of the labels' shape, or a crop of it placed at ``offset``
+        (index of its first element). Returns the record file (durable on return).
+        """
+        object_id = _check_id(object_id)
+        mask = np.asarray(mask)
+        if mask.dtype != bool:
+            if mask.dtype.kind not in "biu" or (mask.size and mask.max() > 1):
+                raise ValueError(
+                    f"mask must be boolean (or 0/1), got dtype {mask.dtype}; pass labels == id"
+                )
+            mask = mask.astype(bool)
+        if offset is None:
+            if mask.shape != self.shape:
+                raise ValueError(
+                    f"mask shape {mask.shape} differs from the labels shape {self.shape}; "
+                    "pass the full-size mask or a crop with offset="
+                )
+            offset = (0,) * len(self.shape)
+        offset = tuple(int(o) for o in offset)
+        if (
+            len(offset) != len(self.shape)
+            or mask.ndim != len(self.shape)
+            or any(
+                o < 0 or o + s > n for o, s, n in zip(offset, mask.shape, self.shape, strict=True)
+            )
+        ):
+            raise ValueError(
+                f"mask of shape {mask.shape} at offset {offset} does not fit in the labels "
+                f"shape {self.shape}"
+            )
+        nz = np.nonzero(mask)
+        if nz[0].size:
+            lo = [int(a.min()) for a in nz]
+            hi = [int(a.max()) + 1 for a in nz]
+            crop = mask[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+            offset = tuple(o + a for o, a in zip(offset, lo, strict=True))
+        else:
+            crop = np.zeros((0,) * len(self.shape), dtype=bool)
+        if record is not None and not isinstance(record, ObjectRecord):
+            raise TypeError(f"record must be an ObjectRecord, got {type(record).__name__}")
+        rec_json = json.dumps(_asdict(record) if record is not None else None)
+        return self._write(
+            "commit",
+            object_id,
+            {
+                "mask": np.packbits(crop.ravel()),
+                "shape": np.asarray(crop.shape, dtype=np.int64),
+                "offset": np.asarray(offset, dtype=np.int64),
+                "record": np.asarray(rec_json),
+            },
+        )
+
+    def delete(self, object_id: int) -> Path:
+        """Record that ``object_id`` was removed."""
+        object_id = _check_id(object_id)
+        return self._write("delete", object_id, {"object_id": np.asarray(object_id)})
+
+    # -- restoring
+    def restore(self) -> RecoveredState:
+        """Replay the log: labels (smallest dtype for the largest id) and the session."""
+        entries = self._entries()
+        damaged: list[str] = []
+        loaded = []
+        for seq, _pid, kind, oid, f in entries:
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    if kind == "commit":
+                        shape = tuple(int(s) for s in z["shape"])
+                        n = int(np.prod(shape))
+                        mask = np.unpackbits(z["mask"], count=n).astype(bool).reshape(shape)
+                        offset = tuple(int(o) for o in z["offset"])
+                        rec = json.loads(str(z["record"]))
+                        loaded.append((seq, kind, oid, mask, offset, rec))
+                    else:
+                        loaded.append((seq, kind, oid, None, None, None))
+            except Exception as e:  # a damaged file must not stop the rest
+                damaged.append(f"{f.name}: {type(e).__name__}: {e}")
+        from napari_sam.io._arrays import smallest_uint
+
+        max_id = max((e[2] for e in loaded if e[1] == "commit"), default=0)
+        labels = np.zeros(self.shape, dtype=smallest_uint(max_id))
+        boxes: dict[int, tuple[slice, ...]] = {}
+        records: dict[int, ObjectRecord | None] = {}
+        for _seq, kind, oid, mask, offset, rec in loaded:
+            if oid in boxes:  # clear the object's previous pixels (inside its last box)
+                region = labels[boxes.pop(oid)]
+                region[region == oid] = 0
+            records.pop(oid, None)
+            if kind == "delete":
+                continue
+            if mask.size:
+                box = tuple(slice(o, o + s) for o, s in zip(offset, mask.shape, strict=True))
+                labels[box][mask] = oid
+                boxes[oid] = box
+            records[oid] = _object_from(rec, oid)
+        base = self.manifest.get("session")
+        session = SessionRecord.from_dict(base) if base else SessionRecord()
+        session.objects = []
+        for oid, rec in records.items():
+            session.objects.append(rec if rec is not None else ObjectRecord(object_id=oid))
+        session.image_shape = self.shape
+        session.image_key = self.key
+        session.image_name = session.image_name or self.manifest.get("image_name", "")
+        return RecoveredState(
+            labels=labels, session=session, n_records=len(loaded), damaged=damaged
+        )
+
+    def clear(self) -> None:
+        """Delete the store (call after the labels were saved or exported successfully)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def info(self) -> RecoveryInfo:
+        entries = self._entries()
+        mtime = max(
+            (e[4].stat().st_mtime for e in entries), default=(self.path / MANIFEST).stat().st_mtime
+        )
+        return RecoveryInfo(
+            key=self.key,
+            path=self.path,
+            image_name=self.manifest.get("image_name", ""),
+            shape=self.shape,
+            n_commits=sum(e[2] == "commit" for e in entries),
+            modified=mtime,
+            source=self.manifest.get("source", ""),
+        )
+
+
+def _check_id(object_id: Any) -> int:
+    if isinstance(object_id, bool) or int(object_id) != object_id or int(object_id) < 1:
+        raise ValueError(f"object_id must be an integer >= 1 (0 is background), got {object_id!r}")
+    return int(object_id)
+
+
+def _asdict(record: ObjectRecord) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(record)
+
+
+def _object_from(rec: dict[str, Any] | None, oid: int) -> ObjectRecord | None:
+    if rec is None:
+        return None
+    from napari_sam.io.session import _object_from_dict
+
+    return _object_from_dict({**rec, "object_id": oid})
+
+
+def list_recoverable(root: str | os.PathLike | None = None) -> list[RecoveryInfo]:
+    """Every recovery store with at least one record, newest first (offer these at start)."""
+    base = Path(root) if root is not None else recovery_root()
+    out = []
+    if not base.is_dir():
+        return out
+    for d in base.iterdir():
+        if not (d / MANIFEST).exists():
+            continue
+        try:
+            store = RecoveryStore(d.name, root=base)
+        except (ValueError, OSError):
+            continue
+        if len(store):
+            out.append(store.info())
+    out.sort(key=lambda i: i.modified, reverse=True)
+    return out

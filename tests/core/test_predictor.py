@@ -1,0 +1,510 @@
+"""SamPredictor: contract on odd inputs, geometry, batching, caching, parity with the official
+segment-anything predictor, and the re-associated decoder against the model's own decoder.
+
+Models are tiny (encoder input 128 px, an 8 x 8 embedding) with SAM's full-width prompt
+encoder and mask decoder and random weights, so everything runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_sam import _fast_decoder
+from napari_sam.model import build_sam_from_parts
+from napari_sam.predictor import (
+    Embedding,
+    EmbeddingCache,
+    SamPredictor,
+    upsample_masks,
+)
+from napari_sam.preprocess import Contrast
+from napari_sam.prompts import PromptWarning
+
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+from reference.official import import_official, official_available  # noqa: E402
+
+S = 128  # encoder input side of the test models; embedding 8 x 8, low-res masks 32 x 32
+
+
+class PatchEncoder(nn.Module):
+    """A small real image encoder: 16 x 16 patch embedding + a 3 x 3 conv; counts its calls."""
+
+    def __init__(self, img_size: int = S, dim: int = 256) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch = nn.Conv2d(3, dim, 16, 16)
+        self.mix = nn.Conv2d(dim, dim, 3, padding=1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.mix(F.gelu(self.patch(x)))
+
+
+def _randomize(module: nn.Module, seed: int, scale: float = 0.3) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, t in sorted(module.state_dict().items()):
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=gen) * scale)
+    return module
+
+
+def _smooth_image(h: int, w: int, rgb: bool = True) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    chans = [
+        (np.sin(xx / 9.0) + 1) * 120,
+        (np.cos(yy / 13.0) + 1) * 120,
+        (xx + yy) / (h + w) * 255,
+    ]
+    img = np.stack(chans, -1) if rgb else chans[0]
+    return img.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sam():
+    torch.manual_seed(0)
+    model = build_sam_from_parts(PatchEncoder())
+    _randomize(model.mask_decoder, 1)
+    _randomize(model.prompt_encoder, 2, scale=1.0)
+    return model.eval()
+
+
+@pytest.fixture
+def predictor(sam):
+    return SamPredictor(sam)
+
+
+@pytest.fixture(scope="module")
+def official():
+    if not official_available():
+        pytest.skip("segment-anything (the [parity] extra) is not installed")
+    return import_official()
+
+
+def _close(a, b, rel: float = 2e-5) -> None:
+    """max |a - b| <= rel * max(1, max |b|): float rounding of a different operation order."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert np.abs(a - b).max() <= rel * max(1.0, np.abs(b).max()), np.abs(a - b).max()
+
+
+POINT = {"point_coords": np.array([[30.0, 20.0]]), "point_labels": np.array([1])}
+
+
+# ------------------------------------------------------------------ contract
+def test_predict_before_set_image_is_a_clear_error(predictor):
+    for call in (
+        lambda: predictor.predict(**POINT),
+        lambda: predictor.predict_torch(torch.zeros(1, 1, 2), torch.ones(1, 1)),
+        predictor.get_embedding,
+    ):
+        with pytest.raises(RuntimeError, match="set_image"):
+            call()
+    assert not predictor.is_image_set and predictor.original_size is None
+
+
+def _nan_float(h, w):
+    img = np.random.default_rng(0).normal(100, 20, (h, w)).astype(np.float32)
+    img[::7, ::5] = np.nan
+    img[1, 1] = np.inf
+    return img
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.random.default_rng(1).integers(0, 65535, (50, 70)).astype(np.uint16),
+        _nan_float(40, 30),
+        _smooth_image(33, 45),
+        _smooth_image(1, 300, rgb=False),
+        _smooth_image(8, 8),
+        _smooth_image(4000, 300, rgb=False).astype(np.int32) - 1000,
+        np.full((20, 30), np.nan),
+    ],
+    ids=["uint16", "float-nan", "rgb", "1xN", "8x8", "4000x300-int", "all-nan"],
+)
+def test_odd_inputs_give_masks_at_slice_resolution(predictor, image):
+    predictor.set_image(image)
+    h, w = image.shape[:2]
+    assert predictor.original_size == (h, w)
+    assert max(predictor.input_size) == S and min(predictor.input_size) >= 1
+    x, y = (w - 1) / 2, (h - 1) / 2
+    masks, iou, low = predictor.predict(np.array([[x, y]]), np.array([1]))
+    assert masks.shape == (3, h, w) and masks.dtype == bool
+    assert iou.shape == (3,) and iou.dtype == np.float32
+    assert low.shape == (3, 32, 32) and low.dtype == np.float32
+    box = np.array([-0.5, -0.5, w - 0.5, h - 0.5])  # the whole slice, pixel edges
+    logits, _, _ = predictor.predict(box=box, return_logits=True)
+    assert logits.shape == (3, h, w) and logits.dtype == np.float32 and np.isfinite(logits).all()
+    m1, i1, l1 = predictor.predict(np.array([[x, y]]), np.array([1]), multimask_output=False)
+    assert m1.shape == (1, h, w) and i1.shape == (1,) and l1.shape == (1, 32, 32)
+
+
+def test_input_sizes_for_extreme_aspect_ratios(predictor):
+    predictor.set_image(np.zeros((4000, 300), np.uint16))
+    assert predictor.input_size == (128, 10)
+    predictor.set_image(np.zeros((1, 5000), np.uint8))
+    assert predictor.input_size == (1, 128)  # 0.0256 px would round to 0 -> 1
+    masks, _, _ = predictor.predict(box=np.array([10, 0, 4000, 0.9]))
+    assert masks.shape == (3, 1, 5000)
+
+
+def test_prompt_errors(predictor):
+    predictor.set_image(_smooth_image(40, 60))
+    with pytest.raises(ValueError, match="needs a prompt"):
+        predictor.predict()
+    with pytest.raises(ValueError, match="without point_coords"):
+        predictor.predict(point_labels=np.array([1]))
+    with pytest.raises(ValueError, match="zero area"):
+        predictor.predict(box=np.array([5, 5, 5, 20]))
+    with pytest.raises(ValueError, match="mask_input must be"):
+        predictor.predict(**POINT, mask_input=np.zeros((1, 64, 64)))
+    with pytest.raises(ValueError, match="mask_input must be"):
+        predictor.predict(**POINT, mask_input=np.zeros((32, 32)))
+    with pytest.warns(PromptWarning, match="outside"):
+        predictor.predict(np.array([[20.0, 100.0]]), np.array([1]))  # y = 100 > H = 40
+
+
+# ------------------------------------------------------------------ geometry
+def test_points_are_transformed_to_the_resized_frame(predictor):
+    predictor.set_image(_smooth_image(60, 100))  # -> input (77, 128)
+    assert predictor.input_size == (77, 128)
+    xy = np.array([[50.0, 30.0], [10.0, 55.0]])
+    t = predictor.transform.apply_coords(xy, predictor.original_size)
+    np.testing.assert_allclose(t, xy * [128 / 100, 77 / 60])
+    labels = np.array([1, 0])
+    a = predictor.predict(xy, labels, return_logits=True)
+    b = predictor.predict_torch(
+        torch.as_tensor(t, dtype=torch.float32)[None],
+        torch.as_tensor(labels)[None],
+        return_logits=True,
+    )
+    for u, v in zip(a, b, strict=True):
+        np.testing.assert_array_equal(u, v[0].numpy())
+    # swapping x and y is a different prompt
+    c = predictor.predict(xy[:, ::-1].copy(), labels, return_logits=True)
+    assert np.abs(c[2] - a[2]).max() > 1e-3
+
+
+@pytest.mark.parametrize("hw", [(300, 400), (4000, 300), (50, 50), (120, 2000)])
+def test_upsampled_masks_land_on_the_right_slice_pixels(hw):
+    """Low-res logits positive over a known region give a mask over that slice region."""
+    h, w = hw
+    ih, iw = (max(1, int(h * S / max(h, w) + 0.5)), max(1, int(w * S / max(h, w) + 0.5)))
+    # region: rows [0.2, 0.6) x cols [0.5, 0.9) of the slice, drawn in low-res pixels
+    r0, r1, c0, c1 = 0.2 * h, 0.6 * h, 0.5 * w, 0.9 * w
+    k = 32 / S  # low-res px per input px
+    low = -torch.ones(1, 1, 32, 32)
+    u = (torch.arange(32) + 0.5) / k  # low-res pixel centres in input px
+    rows = (u >= r0 * ih / h) & (u < r1 * ih / h)
+    cols = (u >= c0 * iw / w) & (u < c1 * iw / w)
+    low[0, 0][rows[:, None] & cols[None, :]] = 1.0
+    masks = upsample_masks(low, (ih, iw), (h, w), S)[0, 0] > 0
+    assert masks.shape == (h, w)
+    expected = np.zeros((h, w), bool)
+    expected[
+        int(np.ceil(r0 - 0.5)) : int(np.ceil(r1 - 0.5)),
+        int(np.ceil(c0 - 0.5)) : int(np.ceil(c1 - 0.5)),
+    ] = True
+    # boundaries may move by up to one low-res pixel in slice pixels
+    tol_r, tol_c = h / ih / k, w / iw / k
+    err = masks.numpy() ^ expected
+    rr, cc = np.nonzero(err)
+    near_r = np.minimum(np.abs(rr - r0), np.abs(rr - r1)) <= tol_r + 1
+    near_c = np.minimum(np.abs(cc - c0), np.abs(cc - c1)) <= tol_c + 1
+    assert np.all(near_r | near_c), "mask pixels wrong far from the region's border"
+    assert masks.sum() > 0
+
+
+def test_upsampling_agrees_with_reference_on_smooth_logits(sam):
+    gen = torch.Generator().manual_seed(3)
+    low = F.interpolate(torch.randn(2, 3, 6, 6, generator=gen), (32, 32), mode="bicubic")
+    for hw in [(300, 400), (128, 128), (4000, 300), (50, 700), (8, 8)]:
+        ih, iw = sam.image_encoder.img_size, sam.image_encoder.img_size
+        scale = S / max(hw)
+        ih, iw = max(1, int(hw[0] * scale + 0.5)), max(1, int(hw[1] * scale + 0.5))
+        ref = sam.postprocess_masks(low, (ih, iw), hw)  # reference: up to S, crop, resize
+        ours = upsample_masks(low, (ih, iw), hw, S)
+        assert ours.shape == ref.shape
+        assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
+        assert ((ours > 0) != (ref > 0)).float().mean() < 2e-3
+
+
+# ------------------------------------------------------------------ batching & mask input
+def test_batched_boxes_equal_single_box_predictions(predictor):
+    img = _smooth_image(90, 120)
+    predictor.set_image(img)
+    boxes = np.array([[10, 10, 60, 50], [30, 20, 110, 85], [0, 0, 119, 89]], float)
+    bm, bi, bl = predictor.predict(box=boxes, return_logits=True)
+    assert bm.shape == (3, 3, 90, 120) and bi.shape == (3, 3) and bl.shape == (3, 3, 32, 32)
+    for i, box in enumerate(boxes):
+        m, iou, low = predictor.predict(box=box, return_logits=True)
+        _close(bm[i], m)
+        _close(bi[i], iou)
+    # one point list shared by every box, and per-box points
+    shared = predictor.predict(**POINT, box=boxes)[0]
+    assert shared.shape == (3, 3, 90, 120)
+    per_box = predictor.predict(
+        point_coords=np.repeat(POINT["point_coords"][None], 3, 0),
+        point_labels=np.ones((3, 1)),
+        box=boxes,
+    )[0]
+    np.testing.assert_array_equal(shared, per_box)
+
+
+def test_mask_input_round_trip(predictor):
+    predictor.set_image(_smooth_image(70, 50))
+    masks, iou, low = predictor.predict(**POINT)
+    best = int(np.argmax(iou))
+    m2, i2, l2 = predictor.predict(**POINT, mask_input=low[[best]], multimask_output=False)
+    assert m2.shape == (1, 70, 50) and l2.shape == (1, 32, 32)
+    # the mask prompt is used: a different mask input gives different logits
+    m3, i3, l3 = predictor.predict(**POINT, mask_input=-low[[best]], multimask_output=False)
+    assert np.abs(l3 - l2).max() > 1e-3
+    # batched mask inputs with a box batch
+    boxes = np.array([[5, 5, 40, 60], [10, 20, 30, 30]], float)
+    bm, bi, bl = predictor.predict(box=boxes, mask_input=np.stack([low[[0]], low[[1]]]))
+    assert bm.shape == (2, 3, 70, 50)
+    single = predictor.predict(box=boxes[1], mask_input=low[[1]], return_logits=True)[2]
+    _close(bl[1], single)
+
+
+# ------------------------------------------------------------------ caching
+def test_returning_to_a_cached_slice_does_not_encode(sam):
+    p = SamPredictor(sam)
+    enc = sam.image_encoder
+    calls0 = enc.calls
+    a, b = _smooth_image(40, 50), _smooth_image(40, 50)[::-1].copy()
+    p.set_image(a, key=0)
+    p.set_image(b, key=1)
+    first = p.predict(**POINT)
+    p.set_image(a, key=0)
+    p.set_image(b, key=1)
+    assert p.encoder_runs == 2 and enc.calls - calls0 == 2
+    assert p.cache.hits == 2 and len(p.cache) == 2
+    again = p.predict(**POINT)
+    for u, v in zip(first, again, strict=True):
+        np.testing.assert_array_equal(u, v)
+    p.set_image(a, key=5)  # same content under another key is another entry
+    assert p.encoder_runs == 3
+    p.set_image(a.copy(), key=0)  # a copy with the same content hits
+    assert p.encoder_runs == 3
+
+
+def test_cache_signature_covers_contrast_and_weights(sam):
+    img = np.random.default_rng(5).normal(size=(30, 30)).astype(np.float32)
+    p = SamPredictor(sam)
+    p.set_image(img)
+    p.contrast = Contrast("minmax")
+    p.set_image(img)
+    assert p.encoder_runs == 2
+    sig = p.signature(img)
+    with torch.no_grad():
+        sam.image_encoder.mix.bias.add_(0.0)  # an in-place update bumps the weights' version
+    assert p.signature(img) != sig
+    p.set_image(img)
+    assert p.encoder_runs == 3
+    named = SamPredictor(sam, model_key="tiny:v1")
+    assert "tiny:v1" in named.signature(img)
+
+
+def test_lru_evicts_by_bytes(sam):
+    nbytes = 256 * 8 * 8 * 4
+    p = SamPredictor(sam, cache_bytes=int(2.5 * nbytes))
+    imgs = [_smooth_image(20 + i, 30) for i in range(3)]
+    for img in imgs:
+        p.set_image(img)
+    assert len(p.cache) == 2 and p.cache.nbytes == 2 * nbytes and p.cache.evictions == 1
+    p.set_image(imgs[2])  # most recent: cached
+    p.set_image(imgs[1])  # cached; now imgs[2] is the least recently used
+    assert p.encoder_runs == 3
+    p.set_image(imgs[0])  # evicted earlier: encodes again, evicts imgs[2]
+    assert p.encoder_runs == 4
+    p.set_image(imgs[1])
+    assert p.encoder_runs == 4
+    p.set_image(imgs[2])
+    assert p.encoder_runs == 5
+    off = SamPredictor(sam, cache_bytes=0)
+    off.set_image(imgs[0])
+    off.set_image(imgs[0])
+    assert off.encoder_runs == 2 and len(off.cache) == 0
+
+
+def test_embedding_cache_unit():
+    cache = EmbeddingCache(100)
+    e = [Embedding(torch.zeros(10), (1, 1), (1, 1), f"s{i}") for i in range(4)]  # 40 B each
+    for x in e[:2]:
+        cache.put(x)
+    assert cache.get("s0") is e[0]  # s1 becomes LRU
+    cache.put(e[2])
+    assert "s1" not in cache and cache.keys() == ["s0", "s2"]
+    cache.put(Embedding(torch.zeros(30), (1, 1), (1, 1), "big"))  # 120 B > budget: not stored
+    assert "big" not in cache and cache.nbytes == 80
+    cache.put(Embedding(torch.zeros(10), (1, 1), (1, 1), ""))  # no signature: not stored
+    assert len(cache) == 2
+    with pytest.raises(ValueError, match=">= 0"):
+        EmbeddingCache(-1)
+
+
+def test_get_and_set_embedding(sam):
+    img = _smooth_image(45, 64)
+    p = SamPredictor(sam)
+    p.set_image(img)
+    emb = p.get_embedding()
+    assert emb.features.shape == (1, 256, 8, 8) and emb.original_size == (45, 64)
+    assert emb.input_size == (90, 128) and emb.nbytes == 256 * 64 * 4
+    expected = p.predict(**POINT)
+    q = SamPredictor(sam)
+    q.set_embedding(Embedding(emb.features.clone(), emb.original_size, emb.input_size))
+    assert q.encoder_runs == 0
+    for u, v in zip(expected, q.predict(**POINT), strict=True):
+        np.testing.assert_array_equal(u, v)
+    with pytest.raises(ValueError, match="another model"):
+        q.set_embedding(Embedding(torch.zeros(1, 256, 16, 16), (45, 64), (90, 128)))
+    with pytest.raises(ValueError, match="input_size"):
+        q.set_embedding(Embedding(emb.features, (45, 64), (64, 128)))
+    with pytest.raises(TypeError, match="Embedding"):
+        q.set_embedding(emb.features)
+    q.reset_image()
+    assert not q.is_image_set
+    with pytest.raises(RuntimeError, match="set_image"):
+        q.predict(**POINT)
+
+
+def test_bfloat16_encoder_is_close_and_cached_separately(sam):
+    img = _smooth_image(64, 64)
+    p32 = SamPredictor(sam)
+    p16 = SamPredictor(sam, encoder_dtype="bfloat16")
+    p32.set_image(img)
+    p16.set_image(img)
+    f32, f16 = p32.features, p16.features
+    assert f16.dtype == torch.float32
+    assert (f16 - f32).abs().max() < 0.05 * f32.abs().max()
+    assert p16.signature(img) != p32.signature(img)
+    with pytest.raises(ValueError, match="encoder_dtype"):
+        SamPredictor(sam, encoder_dtype="float16")
+
+
+# ------------------------------------------------------------------ parity with the official predictor
+PROMPTS = [
+    {"point_coords": np.array([[30.0, 20.0]]), "point_labels": np.array([1])},
+    {"box": np.array([10.0, 12.0, 70.0, 50.0])},
+    {
+        "point_coords": np.array([[30.0, 20.0], [60.0, 40.0]]),
+        "point_labels": np.array([1, 0]),
+        "box": np.array([10.0, 12.0, 70.0, 50.0]),
+        "multimask_output": False,
+    },
+]
+
+
+def test_same_results_as_official_predictor_for_the_same_embedding(sam, official):
+    img = _smooth_image(60, 90)
+    ref = official.SamPredictor(sam)
+    ref.set_image(img)
+    ours = SamPredictor(sam)
+    ours.set_embedding(Embedding(ref.features, ref.original_size, ref.input_size))
+    for kw in PROMPTS:
+        m_ref, i_ref, l_ref = ref.predict(**kw)
+        m, i, low = ours.predict(**kw)
+        _close(low, l_ref)
+        _close(i, i_ref)
+        # masks differ only through the one-step upsampling (random-weight logits are
+        # rough at the low-res scale, the worst case for resampling differences)
+        assert m.shape == m_ref.shape and (m != m_ref).mean() < 0.03
+        # mask_input round trip, fed identically to both
+        kw2 = {**kw, "mask_input": l_ref[[0]]}
+        _close(ours.predict(**kw2)[2], ref.predict(**kw2)[2])
+
+
+def test_same_masks_as_official_predictor_from_the_image(sam, official):
+    """End to end on a uint8 RGB image: our resize (torch, antialiased) vs PIL's differ by
+    at most one grey level, so the embeddings differ slightly; masks may disagree in at
+    most 3 % of pixels with these tiny random-weight models (measured: ~1 %)."""
+    img = _smooth_image(150, 200)
+    ref = official.SamPredictor(sam)
+    ref.set_image(img)
+    ours = SamPredictor(sam)
+    ours.set_image(img)
+    assert ours.input_size == ref.input_size and ours.original_size == ref.original_size
+    assert (ours.features - ref.features).abs().max() < 0.02 * ref.features.abs().max()
+    for kw in PROMPTS:
+        m_ref, i_ref, _ = ref.predict(**kw)
+        m, i, _ = ours.predict(**kw)
+        assert (m != m_ref).mean() < 0.03
+        np.testing.assert_allclose(i, i_ref, atol=0.02)
+
+
+# ------------------------------------------------------------------ re-associated decoder
+def _official_decoder(official):
+    torch.manual_seed(0)
+    dec = official.modeling.MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=official.modeling.TwoWayTransformer(
+            depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8
+        ),
+        transformer_dim=256,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return _randomize(dec, 7).eval()
+
+
+@pytest.mark.parametrize("which", ["ours", "official"])
+def test_fast_decoder_matches_the_module(sam, official, which):
+    dec = sam.mask_decoder if which == "ours" else _official_decoder(official)
+    pe = sam.prompt_encoder
+    assert _fast_decoder.supports_fast_path(dec)
+    gen = torch.Generator().manual_seed(11)
+    emb = torch.randn(1, 256, 8, 8, generator=gen)
+    with torch.inference_mode():
+        image_pe = pe.get_dense_pe()
+        _, no_mask = pe(points=None, boxes=None, masks=None)
+        prep = _fast_decoder.prepare(emb, image_pe, no_mask)
+        pts = (torch.rand(2, 3, 2, generator=gen) * S, torch.tensor([[1, 0, 1], [1, 1, 0]]))
+        boxes = torch.tensor([[5.0, 8.0, 90.0, 100.0], [20.0, 30.0, 60.0, 70.0]])
+        masks = torch.randn(2, 1, 32, 32, generator=gen)
+        cases = [
+            {"points": (pts[0][:1, :1], pts[1][:1, :1]), "boxes": None, "masks": None},
+            {"points": None, "boxes": boxes[:1], "masks": None},
+            {"points": None, "boxes": boxes, "masks": None},
+            {"points": pts, "boxes": boxes, "masks": masks},
+            {"points": None, "boxes": None, "masks": masks[:1]},
+            # 16 points -> heads * tokens >= internal width: falls back to the module
+            {
+                "points": (torch.rand(1, 16, 2, generator=gen) * S, torch.ones(1, 16)),
+                "boxes": None,
+                "masks": None,
+            },
+        ]
+        for kw in cases:
+            sparse, dense = pe(**kw)
+            for multi in (True, False):
+                ref_m, ref_i = dec(emb, image_pe, sparse, dense, multi)
+                m, i = _fast_decoder.decode(
+                    dec, prep, sparse, None if kw["masks"] is None else dense, multi
+                )
+                assert m.shape == ref_m.shape and i.shape == ref_i.shape
+                _close(m, ref_m)
+                _close(i, ref_i)
+
+
+def test_fast_decoder_can_be_switched_off(sam):
+    img = _smooth_image(40, 40)
+    fast, slow = SamPredictor(sam), SamPredictor(sam, fast_decoder=False)
+    fast.set_image(img)
+    slow.set_embedding(fast.get_embedding())
+    a = fast.predict(**POINT, return_logits=True)
+    b = slow.predict(**POINT, return_logits=True)
+    _close(a[2], b[2])
+    _close(a[0], b[0])
