@@ -7,8 +7,8 @@ A front's masks do not depend on the stop rule until the rule fires, so each obj
 propagated once with every data-driven stop off (fronts walk until the mask is empty or
 the stack ends) and every rule is then evaluated by truncating the recorded trajectories
 at the first slice where it fires. Objects come from ``napari_sam.train.synthetic
-.make_volume`` (ellipsoids and tubes with a finite z extent, seeds 1000+, not used for
-training) plus the test suite's ellipsoid/tube; the anchor is the middle slice of each
+.make_volume`` (ellipsoids and tubes with a finite z extent, seeds 2,000,000+; the default model is
+trained on 2D make_image only) plus the test suite's ellipsoid/tube; the anchor is the middle slice of each
 object's true z range, annotated with its true mask.
 
 Printed: mean 3D Dice per rule, the rules' mean absolute error of the first/last slice,
@@ -45,8 +45,8 @@ def volumes(n: int, shape):
 
     for i in range(n):
         kind = ("nuclei", "tubes", "mixed")[i % 3]
-        img, lab = make_volume(1000 + i, shape=tuple(shape), kind=kind)
-        yield f"make_volume({1000 + i}, {kind})", img, lab
+        img, lab = make_volume(2_000_000 + i, shape=tuple(shape), kind=kind)
+        yield f"make_volume({2_000_000 + i}, {kind})", img, lab
     z, h, w = shape
     img, m = ellipsoid_volume(shape=(z, h, w), center=(z // 2, h // 2, w // 2),
                               radii=(z / 3.5, h / 4, w / 5))  # fmt: skip
