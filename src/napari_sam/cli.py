@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("napari_sam._cli_models", "list known model checkpoints and the cache"),
     "download": ("napari_sam._cli_download", "download model checkpoints into the cache"),
     "export": ("napari_sam.io.export_cmd", "convert labels between TIFF, zarr and OME-Zarr"),
+    "train": ("napari_sam._cli_train", "train or fine-tune a SAM model with simulated prompts"),
 }
 
 

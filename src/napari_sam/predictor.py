@@ -527,7 +527,9 @@ class SamPredictor:
             self.model.mask_decoder,
             self._get_prepared(),
             sparse,
-            dense if mask_input is not None else None,
+            # prompt encoders that render points/boxes into the dense prompt (the project's
+            # nsam models) need their dense output even without a mask prompt
+            dense if mask_input is not None or getattr(pe, "renders_prompts", False) else None,
             multimask_output,
             fast=self.fast_decoder,
         )

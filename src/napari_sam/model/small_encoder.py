@@ -25,7 +25,9 @@ prompt-encoder/decoder/transformer/Sam classes explicitly (defaults: this packag
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -119,7 +121,7 @@ class SmallEncoder(nn.Module):
         self.embed_dim = embed_dim
         stages = []
         cin = in_chans
-        for w, d in zip(widths, depths):
+        for w, d in zip(widths, depths, strict=True):
             stages.append(
                 nn.Sequential(_conv_bn(cin, w, 3, 2), *[BasicBlock(w) for _ in range(d)])
             )
@@ -186,9 +188,10 @@ def render_prompts(
     xs = torch.arange(mw, device=device, dtype=torch.float32)
     if boxes is not None:
         b = boxes.reshape(-1, 4).to(device=device, dtype=torch.float32)
-        # pixel index -> mask-frame coordinate of the box edges
-        x0, x1 = b[:, 0] * sx - 0.5 * sx, (b[:, 2] + 1) * sx - 0.5
-        y0, y1 = b[:, 1] * sy - 0.5 * sy, (b[:, 3] + 1) * sy - 0.5
+        # outer pixel edges of the inclusive box, in mask-pixel index coordinates (a mask
+        # pixel j covers [j - 0.5, j + 0.5])
+        x0, x1 = b[:, 0] * sx - 0.5, (b[:, 2] + 1) * sx - 0.5
+        y0, y1 = b[:, 1] * sy - 0.5, (b[:, 3] + 1) * sy - 0.5
         inx = torch.sigmoid((xs[None] - x0[:, None]) * 2) * torch.sigmoid(
             (x1[:, None] - xs[None]) * 2
         )
@@ -216,7 +219,12 @@ class PromptRenderMixin:
     ``dense = mask_downscaling(render(points, boxes) [+ masks]) [+ no_mask_embed if no
     mask]``. Requires ``render_box``, ``render_point``, ``render_sigma`` attributes.
     Input/output shapes are those of ``PromptEncoder.forward``.
+
+    ``renders_prompts = True`` tells callers that the dense embedding depends on the points
+    and boxes too (it is not the constant no-mask embedding when no mask is given).
     """
+
+    renders_prompts = True
 
     def forward(self, points, boxes, masks):
         sparse, dense_nomask = super().forward(points, boxes, None)
@@ -330,6 +338,41 @@ def build_nsam(config: Mapping | None = None, checkpoint=None, parts=None):
     return model.eval()
 
 
+def default_weights() -> Path:
+    """Path of the bundled default weights, ``napari_sam/weights/nsam_s.pt`` (may be absent)."""
+    return Path(__file__).resolve().parents[1] / "weights" / "nsam_s.pt"
+
+
+def looks_like_nsam(state_dict: Mapping) -> bool:
+    """True if a state_dict has this module's encoder layout (``image_encoder.lat32`` ...)."""
+    return (
+        "image_encoder.lat32.weight" in state_dict and "image_encoder.skip4.weight" in state_dict
+    )
+
+
+def load_nsam(path=None):
+    """Build an nsam model from weights and the JSON config beside them.
+
+    Args:
+        path: a ``.pt`` state_dict with a ``.json`` sidecar (``{"config": {...}}``) of the
+            same stem; default :func:`default_weights`.
+
+    Returns:
+        ``Sam`` in eval mode (float32).
+    """
+    path = Path(path) if path is not None else default_weights()
+    if not path.is_file():
+        raise FileNotFoundError(f"nsam weights not found: {path}")
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(
+            f"nsam config not found: {sidecar} (written next to the weights by "
+            "napari_sam.train.loop.export_weights)"
+        )
+    config = json.loads(sidecar.read_text())["config"]
+    return build_nsam(config, checkpoint=path)
+
+
 def set_canvas(model, size: int) -> None:
     """Resize the model's input frame to ``size`` x ``size`` (training on smaller crops).
 
@@ -355,6 +398,9 @@ __all__ = [
     "SmallEncoder",
     "build_nsam",
     "count_parameters",
+    "default_weights",
+    "load_nsam",
+    "looks_like_nsam",
     "render_prompts",
     "set_canvas",
 ]

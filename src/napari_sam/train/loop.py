@@ -52,7 +52,8 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # overrides of model.small_encoder.NSAM_S
     init: str | None = None  # state_dict to start from (fine-tuning)
     canvas: int = 256  # training frame side (multiple of 32)
-    steps: int = 3000
+    steps: int = 3000  # length of the learning-rate schedule
+    stop_at: int | None = None  # end this run early at this step (schedule unchanged)
     images_per_step: int = 4
     objects_per_image: int = 6
     lr: float = 1e-3
@@ -66,6 +67,7 @@ class TrainConfig:
     mask_only_prob: float = 0.2  # probability that a later round adds no point
     scale_range: tuple[float, float] = (0.6, 2.5)  # synthetic object-size multiplier
     pad_prob: float = 0.2  # non-square images padded inside the canvas
+    uint8_passthrough: float = 0.7  # P(uint8 image used as is, like Contrast("auto"))
     kind: str = "mixed"
     seed: int = 0
     threads: int = 2
@@ -85,13 +87,21 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- data
 
 
-def normalize_image(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
-    """Any-dtype (H, W) or (H, W, 3) image -> float32 (H, W, 3) in [0, 255] by percentiles."""
+def normalize_image(
+    image: np.ndarray, low: float = 0.5, high: float = 99.5, uint8_passthrough: bool = True
+) -> np.ndarray:
+    """Any-dtype (H, W) or (H, W, 3) image -> float32 (H, W, 3) in [0, 255].
+
+    Like the predictor's ``Contrast("auto")``: uint8 images pass unchanged (if
+    ``uint8_passthrough``), any other dtype maps its ``low``/``high`` percentiles to 0/255.
+    """
     img = np.asarray(image, dtype=np.float32)
     if img.ndim == 2:
         img = img[..., None]
     if img.ndim != 3 or img.shape[-1] not in (1, 3):
         raise ValueError(f"image must be (H, W) or (H, W, 3), got shape {image.shape}")
+    if uint8_passthrough and np.asarray(image).dtype == np.uint8:
+        return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
     finite = np.isfinite(img)
     lo, hi = np.percentile(img[finite], [low, high]) if finite.any() else (0.0, 1.0)
     img = np.where(finite, img, lo)
@@ -114,13 +124,15 @@ class Sample:
     key: object = None
 
 
-def to_canvas(image, labels, canvas: int, low=0.5, high=99.5, min_area=8) -> Sample:
+def to_canvas(
+    image, labels, canvas: int, low=0.5, high=99.5, min_area=8, uint8_passthrough=True
+) -> Sample:
     """Resize (longest side -> canvas), normalise and pad one image with its labels."""
     import torch
     import torch.nn.functional as F
 
     labels = np.asarray(labels)
-    img = normalize_image(image, low, high)
+    img = normalize_image(image, low, high, uint8_passthrough)
     h, w = labels.shape
     if img.shape[:2] != (h, w):
         raise ValueError(f"image {img.shape[:2]} and labels {labels.shape} differ in size")
@@ -140,7 +152,7 @@ def to_canvas(image, labels, canvas: int, low=0.5, high=99.5, min_area=8) -> Sam
     lab = np.zeros((canvas, canvas), labels.dtype)
     lab[:nh, :nw] = labels
     ids, counts = np.unique(lab, return_counts=True)
-    masks = [lab == i for i, c in zip(ids, counts) if i != 0 and c >= min_area]
+    masks = [lab == i for i, c in zip(ids, counts, strict=True) if i != 0 and c >= min_area]
     return Sample(out[0].numpy(), masks)
 
 
@@ -163,7 +175,8 @@ class SyntheticSource:
                 shape = shape[::-1]
         image, labels = make_image(seed, shape, cfg.kind, bit_depth, scale=scale)
         low, high = rng.uniform(0, 1.0), rng.uniform(99.0, 100.0)
-        return to_canvas(image, labels, cfg.canvas, low, high)
+        passthrough = rng.random() < cfg.uint8_passthrough
+        return to_canvas(image, labels, cfg.canvas, low, high, uint8_passthrough=passthrough)
 
 
 class ArraySource:
@@ -173,7 +186,7 @@ class ArraySource:
         if len(images) != len(labels) or not images:
             raise ValueError("images and labels must be non-empty lists of equal length")
         self.samples = []
-        for i, (im, lab) in enumerate(zip(images, labels)):
+        for i, (im, lab) in enumerate(zip(images, labels, strict=True)):
             s = to_canvas(im, lab, canvas)
             s.key = i
             if s.masks:
@@ -211,7 +224,11 @@ def build_model(cfg: TrainConfig):
     """Build the nsam model from ``cfg.model`` (+ ``cfg.init`` weights), canvas-sized."""
     from napari_sam.model.small_encoder import build_nsam, set_canvas
 
-    model = build_nsam(cfg.model, checkpoint=cfg.init)
+    init = None
+    if cfg.init:
+        ck = load_checkpoint(cfg.init)
+        init = ck.get("model", ck)  # training checkpoint or plain state_dict
+    model = build_nsam(cfg.model, checkpoint=init)
     set_canvas(model, cfg.canvas)
     return model
 
@@ -323,6 +340,14 @@ def _session_step(model, emb, sample: Sample, obj_idx, cfg: TrainConfig, rng, to
 # ----------------------------------------------------------------------------- eval
 
 
+def _iou_full(logits, size, tgt):
+    """IoU of up-sampled ``logits`` (K, 1, h, w) > 0 with ``tgt`` (K, H, W) bool -> (K,), masks."""
+    pred = (_upsample(logits, size) > 0)[:, 0]
+    inter = (pred & tgt).flatten(1).sum(1).float()
+    union = (pred | tgt).flatten(1).sum(1).float().clamp(min=1)
+    return (inter / union).numpy(), pred.numpy()
+
+
 def evaluate(model, samples: list[Sample], n_clicks: int = 3, callback=None) -> dict:
     """Mean IoU on ``samples``: 1 box, 1 point, and point + 1..n_clicks corrections.
 
@@ -347,11 +372,8 @@ def evaluate(model, samples: list[Sample], n_clicks: int = 3, callback=None) -> 
             gt = np.stack(s.masks)
             tgt = torch.from_numpy(gt)
 
-            def iou_of(logits):
-                pred = (_upsample(logits, size) > 0)[:, 0]
-                inter = (pred & tgt).flatten(1).sum(1).float()
-                union = (pred | tgt).flatten(1).sum(1).float().clamp(min=1)
-                return (inter / union).numpy(), pred.numpy()
+            def iou_of(logits, size=size, tgt=tgt):
+                return _iou_full(logits, size, tgt)
 
             boxes = torch.from_numpy(np.stack([P.mask_box(m) for m in s.masks]))
             logits, iou = _decode(model, emb, None, None, boxes, None)
@@ -360,7 +382,7 @@ def evaluate(model, samples: list[Sample], n_clicks: int = 3, callback=None) -> 
             ious["box3"] += list(iou_of(logits[torch.arange(len(pick)), pick][:, None])[0])
             its = [P.start(m, rng, "point") for m in s.masks]
             # deterministic first point: the object's innermost pixel (centre click)
-            for it, m in zip(its, s.masks):
+            for it, m in zip(its, s.masks, strict=True):
                 it.points[0] = P.correction_point(np.zeros_like(m), m, mode="center")[0][0]
             logits, iou = _decode(model, emb, *_stack_prompts(its, torch))
             pick = iou[:, 1:].argmax(1) + 1
@@ -426,7 +448,7 @@ def load_checkpoint(path):
     """Load a training checkpoint written by :func:`save_checkpoint` (a dict)."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def export_weights(model, path, metrics: dict | None = None, half: bool = True) -> dict:
@@ -500,18 +522,19 @@ def train(
             p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history, best = 0, [], {"score": -1.0, "step": -1, "metrics": None}
+    stale = 0
     if cfg.resume and last.exists():
         ck = load_checkpoint(last)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, history, best = ck["step"], ck["history"], ck["best"]
         _set_rng_state(rng, ck["rng"], torch)
+        stale = sum(h["step"] > best["step"] for h in history)
     source = source or SyntheticSource(cfg)
     if eval_samples is None and cfg.eval_every:
         eval_samples = eval_set(cfg)
     log = open(out / "log.jsonl", "a")  # noqa: SIM115
     emb_cache: dict = {}
-    stale = 0
     reason = "steps"
 
     def emit(ev):
@@ -543,7 +566,8 @@ def train(
         emit({"kind": "eval", "step": step, "score": sc, "best": improved, **m})
 
     try:
-        while step < cfg.steps:
+        end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+        while step < end:
             if should_stop is not None and should_stop():
                 reason = "stopped"
                 break
@@ -600,7 +624,7 @@ def train(
             )
             if cfg.eval_every and step % cfg.eval_every == 0:
                 run_eval()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if step % cfg.ckpt_every == 0 or step == end:
                 save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch)
             if cfg.patience and stale >= cfg.patience:
                 reason = "early_stop"
@@ -610,6 +634,21 @@ def train(
         emit({"kind": "done", "step": step, "reason": reason, "best": best["score"]})
         log.close()
     return model, history
+
+
+def weights_path(cfg: TrainConfig) -> Path:
+    """Weights a run hands on: ``best.pt`` if an evaluation ran, else ``last.pt``."""
+    out = Path(cfg.out_dir)
+    return out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
+
+
+def load_best(path) -> dict:
+    """``{"model": Sam, "metrics": dict}`` from a ``best.pt``/``last.pt`` of :func:`train`."""
+    from napari_sam.model.small_encoder import build_nsam
+
+    ck = load_checkpoint(path)
+    model = build_nsam(ck["model_config"], checkpoint=ck["model"])
+    return {"model": model, "metrics": ck.get("metrics") or ck.get("best", {}).get("metrics")}
 
 
 def model_copy(model):

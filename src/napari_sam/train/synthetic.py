@@ -90,16 +90,17 @@ class _Shape:
     ``rel``: normalised radius in [0, 1] inside (0 centre, 1 boundary).
     """
 
-    __slots__ = ("depth", "inside", "rel", "sl")
+    __slots__ = ("center", "depth", "inside", "rel", "sl")
 
     def __init__(self, sl, inside, depth, rel):
         self.sl, self.inside, self.depth, self.rel = sl, inside, depth, rel
+        self.center = None
 
 
 def _box(center, half, shape):
     """Slices of the box ``center +- half`` clipped to ``shape`` (or None if outside)."""
     sl = []
-    for c, h, n in zip(center, half, shape):
+    for c, h, n in zip(center, half, shape, strict=True):
         lo, hi = max(int(np.floor(c - h)), 0), min(int(np.ceil(c + h)) + 1, n)
         if hi - lo < 2:
             return None
@@ -129,7 +130,7 @@ def _star(rng, center, radius, aspect, angle, roughness, shape):
     u, v = (x * c + y * s) / a, (-x * s + y * c) / b
     rho = np.sqrt(u * u + v * v)
     theta = np.arctan2(v, u)
-    bound = 1 + sum(m * np.cos(kk * theta + p) for m, kk, p in zip(amp, k, phase))
+    bound = 1 + sum(m * np.cos(kk * theta + p) for m, kk, p in zip(amp, k, phase, strict=True))
     rel = rho / bound
     inside = rel < 1
     if inside.sum() < 4:
@@ -168,7 +169,7 @@ def _smooth_noise(rng, shape, sigma):
     small = tuple(max(2, -(-n // factor)) for n in shape)
     f = ndi.gaussian_filter(rng.standard_normal(small).astype(np.float32), sigma / factor)
     if factor > 1:
-        f = ndi.zoom(f, [n / m for n, m in zip(shape, small)], order=1)
+        f = ndi.zoom(f, [n / m for n, m in zip(shape, small, strict=True)], order=1)
         f = f[tuple(slice(0, n) for n in shape)]
     f -= f.mean()
     return f / (f.std() + 1e-6)
@@ -187,7 +188,7 @@ def _background(rng, shape):
     )
     # Illumination: vignetting around a random centre, strength 0..40 %.
     centre = [rng.uniform(-0.5, 0.5) for _ in shape]
-    r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
+    r2 = sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True))
     illum = 1 - rng.uniform(0, 0.4) * np.clip(r2 / 2, 0, 1)
     return np.clip(bg, 0, None).astype(np.float32), illum.astype(np.float32)
 
@@ -266,21 +267,35 @@ def _scene_nuclei(rng, canvas, density, scale):
     n = int(area / (np.pi * ((r_lo + r_hi) / 2) ** 2)) + 1
     overlap = rng.choice([0.0, 0.1, 0.3])
     base = rng.uniform(0.35, 0.9)
+    clump = rng.choice([0.0, 0.4, 0.8])  # probability to grow a clump of touching nuclei
+    spread = rng.uniform(0.1, 0.5)  # brightness spread between nuclei (log-normal sigma)
+    placed: list[tuple[float, float, float]] = []  # (y, x, r) of placed nuclei
 
     def make():
         r = np.exp(rng.uniform(np.log(r_lo), np.log(r_hi)))
-        return _star(
+        if placed and rng.random() < clump:
+            y, x, r0 = placed[rng.integers(len(placed))]
+            a = rng.uniform(0, 2 * np.pi)
+            d = (r0 + r) * rng.uniform(0.85, 1.1)
+            center = [y + d * np.sin(a), x + d * np.cos(a)]
+        else:
+            center = _random_center(rng, canvas.shape)
+        shp = _star(
             rng,
-            _random_center(rng, canvas.shape),
+            center,
             r,
             rng.uniform(1, 2.0),
             rng.uniform(0, np.pi),
             rng.uniform(0, 0.35),
             canvas.shape,
         )
+        if shp is not None:
+            shp.center = (center[0], center[1], r)
+        return shp
 
     for shp in _place(rng, canvas, make, n, overlap):
-        b = base * np.exp(rng.normal(0, 0.35))  # includes dim nuclei
+        placed.append(shp.center)
+        b = base * np.exp(rng.normal(0, spread))  # includes dim nuclei
         canvas.paint(shp, _nucleus_value(rng, canvas, shp, b))
 
 
@@ -387,13 +402,13 @@ def _scene_elongated(rng, canvas, density, scale):
     h, w = canvas.shape
     width_hi = rng.uniform(4, 12) * scale
     mean_len = rng.uniform(15, 60) * scale
-    n = int(h * w * density / (mean_len * width_hi * 0.7)) + 1
+    n = int(h * w * density / (mean_len * width_hi * 1.5)) + 1
     base = rng.uniform(0.4, 0.9)
     aligned = rng.random() < 0.3
     main_angle = rng.uniform(0, np.pi)
 
     def make():
-        width = rng.uniform(max(2.5, 0.35 * width_hi), width_hi)
+        width = rng.uniform(min(max(2.5, 0.35 * width_hi), width_hi), width_hi)
         length = mean_len * np.exp(rng.normal(0, 0.4))
         angle = main_angle + rng.normal(0, 0.2) if aligned else rng.uniform(0, np.pi)
         bend = rng.normal(0, 1.5 / max(length, 1))
@@ -510,6 +525,10 @@ def make_image(
     labels = _relabel(canvas.labels)
     bg, illum = _background(rng, shape)
     clean = canvas.image.copy()
+    if labels.max() > 2 and rng.random() < 0.3:  # some objects out of focus
+        oof = np.isin(labels, np.flatnonzero(rng.random(labels.max() + 1) < 0.25))
+        layer = np.where(oof, clean, 0)
+        clean = np.where(oof, 0, clean) + ndi.gaussian_filter(layer, rng.uniform(1.5, 3.5) * scale)
     _debris(rng, clean, labels, rng.uniform(0, 1.5))
     clean = (clean + bg) * illum
     if rng.random() < 0.15:  # dark objects on a bright background (transmitted light)
@@ -529,7 +548,7 @@ def _ellipsoid(rng, center, radii, angle, roughness, shape):
         max(radii[1:]) * (1 + roughness) + 2,
     ]
     sl = []
-    for c, hh, n in zip(center, half, shape):
+    for c, hh, n in zip(center, half, shape, strict=True):
         lo, hi = max(int(np.floor(c - hh)), 0), min(int(np.ceil(c + hh)) + 1, n)
         if hi - lo < 1:
             return None
@@ -543,7 +562,7 @@ def _ellipsoid(rng, center, radii, angle, roughness, shape):
     k = np.arange(2, 5)
     amp = roughness * rng.uniform(0.3, 1, k.size) / k
     ph = rng.uniform(0, 2 * np.pi, k.size)
-    bound = 1 + sum(m * np.cos(kk * theta + p) for m, kk, p in zip(amp, k, ph))
+    bound = 1 + sum(m * np.cos(kk * theta + p) for m, kk, p in zip(amp, k, ph, strict=True))
     rel = np.sqrt(u * u + v * v + (z / radii[0]) ** 2) / bound
     inside = rel < 1
     if inside.sum() < 8:

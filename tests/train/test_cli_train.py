@@ -1,0 +1,75 @@
+"""``napari-sam train`` end to end on a tiny model (a few steps)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_sam.cli import main
+from napari_sam.train.synthetic import make_image
+
+TINY = (
+    '{"img_size": 64, "widths": [8, 8, 16, 16, 16], "depths": [0, 0, 1, 0, 0], '
+    '"embed_dim": 32, "mask_in_chans": 8, "decoder_depth": 1, "decoder_num_heads": 2, '
+    '"decoder_mlp_dim": 32, "iou_head_hidden_dim": 16}'
+)
+COMMON = ["--canvas", "64", "--model-config", TINY, "--threads", "1", "--quiet"]
+
+
+def test_train_synthetic_export(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--steps", "3", "--eval-every", "3"]
+    rc = main([*args, "--eval-images", "2", "--export", str(tmp_path / "w.pt"), *COMMON])
+    assert rc == 0
+    assert (out / "last.pt").exists() and (out / "best.pt").exists()
+    info = json.loads((tmp_path / "w.json").read_text())
+    assert info["model_type"] == "nsam_s" and info["dtype"] == "float16"
+    assert set(info["metrics"]) >= {"box", "point", "click1"}
+    state = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    assert "exported w.pt" in capsys.readouterr().out
+    # resuming a finished run is a no-op that still succeeds
+    assert main([*args, "--eval-images", "2", *COMMON]) == 0
+
+
+def test_train_on_own_annotations_frozen_encoder(tmp_path):
+    imgs, labs = [], []
+    for i in range(2):
+        img, lab = make_image(i, (80, 64), "nuclei", bit_depth=16, scale=0.5)
+        imgs.append(str(tmp_path / f"im{i}.npy"))
+        labs.append(str(tmp_path / f"lab{i}.npy"))
+        np.save(imgs[-1], img)
+        np.save(labs[-1], lab)
+    out = tmp_path / "ft"
+    rc = main(
+        [
+            "train",
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--eval-every",
+            "0",
+            "--frozen-encoder",
+            "--images",
+            *imgs,
+            "--labels",
+            *labs,
+            *COMMON,
+        ]
+    )
+    assert rc == 0
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["config"]["train_encoder"] is False
+
+
+def test_bad_arguments(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--images", "a.tif"]) == 2
+    assert "--labels must be given together" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path), "--init", str(tmp_path / "nope.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path), "--model-config", "{bad"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train"])  # --out is required
