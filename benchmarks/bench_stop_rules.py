@@ -56,7 +56,7 @@ def volumes(n: int, shape):
     yield "tube (tests)", img, m.astype(np.int32)
 
 
-def collect(enc, dec, n_volumes: int, shape, min_voxels: int = 200):
+def collect(enc, dec, n_volumes: int, shape, min_voxels: int = 200, prompts=None):
     from napari_sam.embeddings import EmbeddingStore
     from napari_sam.propagate import PropagationState, StopCriteria, propagate
 
@@ -75,7 +75,9 @@ def collect(enc, dec, n_volumes: int, shape, min_voxels: int = 200):
             state.add_anchor(int(i), mid, gt[mid])
             gts[int(i)] = (gt, mid)
         fronts = {i: {1: [], -1: []} for i in gts}
-        for step in propagate(EmbeddingStore(img, enc), dec, state, criteria=walk):
+        for step in propagate(
+            EmbeddingStore(img, enc), dec, state, criteria=walk, prompts=prompts
+        ):
             if step.mask is not None:
                 fronts[step.obj_id][step.direction].append((step.z, step.mask, step.score))
         for i, (gt, mid) in gts.items():

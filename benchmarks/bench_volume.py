@@ -66,6 +66,11 @@ def make_predictors(model_name: str):
     elif model_name in ("vit_t", "vit_b", "vit_l", "vit_h"):
         model = napari_sam.build_sam(model_name)
         label = f"{model_name} (random weights)"
+    elif Path(model_name).with_suffix(".json").is_file():  # nsam weights + config sidecar
+        from napari_sam.model.small_encoder import load_nsam
+
+        model = load_nsam(model_name)
+        label = f"{Path(model_name).name} (nsam)"
     else:
         model = napari_sam.load_model(model_name)
         label = str(model_name)

@@ -120,6 +120,8 @@ class PromptOptions:
     multimask: ask SAM for 3 masks and keep the one with the highest predicted IoU
     (default: SAM's single-mask output, meant for unambiguous prompts such as a box).
     anchor_logit_scale: logit magnitude for a binary anchor mask turned into mask_input.
+    mask_prompt_scale: factor on the previous logits before they become mask_input (< 1
+    weakens the pull of the previous slice's mask against the image evidence).
     """
 
     box_margin: float = 0.1
@@ -129,6 +131,7 @@ class PromptOptions:
     negatives_from_others: bool = False
     multimask: bool = False
     anchor_logit_scale: float = 8.0
+    mask_prompt_scale: float = 1.0
 
 
 @dataclass
@@ -662,6 +665,8 @@ def _decode(predictor, emb, fronts: list[_Front], prompts: PromptOptions):
                     )
                 logits.append(torch.as_tensor(f.prev_logits, dtype=torch.float32))
             mask_in = torch.stack(logits)[:, None].to(device)  # (B, 1, h, w)
+            if prompts.mask_prompt_scale != 1.0:
+                mask_in = mask_in * prompts.mask_prompt_scale
         masks, iou, low = predictor.predict_torch(
             coords_t, labels_t, boxes=boxes_t, mask_input=mask_in,
             multimask_output=prompts.multimask,
