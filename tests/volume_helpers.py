@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -169,3 +170,13 @@ def tube_volume(shape=(24, 64, 64), radius=6.0, seed=0):
         mask[k] = m
         image[k] = 0.15 + (0.4 + 0.4 * k / z) * m + 0.05 * rng.standard_normal((h, w))
     return image, mask
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_one_thread():
+    """Tiny models run faster on one torch thread, and much faster on a shared machine
+    (idle intra-op threads spin while waiting for descheduled ones). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,7 +12,12 @@ from napari_sam.embeddings import (
     default_store_path,
     hash_weights,
 )
-from volume_helpers import EncoderCounter, ellipsoid_volume, tiny_predictor
+from volume_helpers import (  # noqa: F401 (torch_one_thread: autouse fixture)
+    EncoderCounter,
+    ellipsoid_volume,
+    tiny_predictor,
+    torch_one_thread,
+)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,11 @@ from napari_sam.propagate import (
     mask_to_logits,
     propagate,
 )
-from volume_helpers import (
+from volume_helpers import (  # noqa: F401 (torch_one_thread: autouse fixture)
     EncoderCounter,
     ellipsoid_volume,
     tiny_predictor,
+    torch_one_thread,
     tube_volume,
     twin_predictor,
 )
@@ -50,6 +51,14 @@ def volume():
     return np.maximum(img1, img2), m1, m2
 
 
+@pytest.fixture(scope="module")
+def warm_store(volume, predictor):
+    """Embeddings of the whole volume, computed once (tests that count runs use _store)."""
+    store = _store(volume, predictor)
+    store.precompute()
+    return store
+
+
 def _state(volume, anchors):
     img, m1, m2 = volume
     state = PropagationState(img.shape[0], img.shape[1:])
@@ -62,10 +71,10 @@ def _store(volume, predictor):
     return EmbeddingStore(volume[0], predictor, dtype="float32")
 
 
-def test_walks_both_ways_and_keeps_anchors(volume, predictor):
+def test_walks_both_ways_and_keeps_anchors(volume, predictor, warm_store):
     state = _state(volume, [(1, 8)])
     anchor = state.objects[1].anchors[8].mask.copy()
-    steps = list(propagate(_store(volume, predictor), twin_predictor(predictor), state,
+    steps = list(propagate(warm_store, twin_predictor(predictor), state,
                            criteria=WALK))  # fmt: skip
     kept = [s for s in steps if s.accepted]
     assert [s.z for s in kept] == [*range(9, 16), *range(7, -1, -1)]
@@ -82,10 +91,10 @@ def test_walks_both_ways_and_keeps_anchors(volume, predictor):
         assert np.array_equal(vol[s.z], s.mask)
 
 
-def test_fills_between_two_anchors_with_better_score(volume, predictor):
+def test_fills_between_two_anchors_with_better_score(volume, predictor, warm_store):
     state = _state(volume, [(1, 3), (1, 11)])
     anchors = {z: a.mask.copy() for z, a in state.objects[1].anchors.items()}
-    steps = list(propagate(_store(volume, predictor), twin_predictor(predictor), state,
+    steps = list(propagate(warm_store, twin_predictor(predictor), state,
                            criteria=WALK))  # fmt: skip
     track = state.objects[1]
     for z in range(4, 11):
@@ -108,8 +117,8 @@ def test_fills_between_two_anchors_with_better_score(volume, predictor):
         assert np.array_equal(last[z].mask, state.mask(1, z))
 
 
-def test_multi_object_equals_one_by_one(volume, predictor):
-    store = _store(volume, predictor)
+def test_multi_object_equals_one_by_one(volume, predictor, warm_store):
+    store = warm_store
     both = _state(volume, [(1, 8), (2, 5)])
     list(propagate(store, twin_predictor(predictor), both, criteria=WALK))
     for obj, z in [(1, 8), (2, 5)]:
@@ -125,7 +134,7 @@ def test_multi_object_equals_one_by_one(volume, predictor):
             assert ra == pytest.approx(rb, abs=1e-4)
 
 
-def test_batches_objects_in_one_decode_per_slice(volume, predictor):
+def test_batches_objects_in_one_decode_per_slice(volume, predictor, warm_store):
     decoder = twin_predictor(predictor)
     calls = []
     original = decoder.predict_torch
@@ -136,12 +145,12 @@ def test_batches_objects_in_one_decode_per_slice(volume, predictor):
 
     decoder.predict_torch = spy
     state = _state(volume, [(1, 8), (2, 8)])
-    list(propagate(_store(volume, predictor), decoder, state, criteria=WALK))
+    list(propagate(warm_store, decoder, state, criteria=WALK))
     assert calls == [2] * 15  # 15 non-anchor slices, both objects in each call
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_cold_propagation_runs_encoder_once_per_slice(volume, predictor, prefetch):
+def test_cold_propagation_runs_encoder_once_per_slice(volume, predictor, prefetch, warm_store):
     counter = EncoderCounter(predictor.model)
     try:
         store = _store(volume, predictor)
@@ -155,14 +164,14 @@ def test_cold_propagation_runs_encoder_once_per_slice(volume, predictor, prefetc
         counter.remove()
     # Same results with and without prefetch (prefetch only changes when work happens).
     ref = _state(volume, [(1, 4), (1, 12), (2, 8)])
-    list(propagate(_store(volume, predictor), twin_predictor(predictor), ref, criteria=WALK,
+    list(propagate(warm_store, twin_predictor(predictor), ref, criteria=WALK,
                    prefetch=not prefetch))  # fmt: skip
     for obj in (1, 2):
         for z in range(16):
             assert np.array_equal(ref.mask(obj, z), state.mask(obj, z))
 
 
-def test_prefetch_overlaps_in_a_background_thread(volume, predictor):
+def test_prefetch_overlaps_in_a_background_thread(volume, predictor, warm_store):
     threads = set()
     store = _store(volume, predictor)
     original = store._compute
@@ -178,13 +187,13 @@ def test_prefetch_overlaps_in_a_background_thread(volume, predictor):
     assert not any(t.name.startswith("napari-sam-prefetch") for t in threading.enumerate())
     # Sharing the store's own predictor still works (encode and decode take turns).
     shared = _state(volume, [(1, 8)])
-    list(propagate(_store(volume, predictor), predictor, shared, criteria=WALK))
+    list(propagate(warm_store, predictor, shared, criteria=WALK))
     for z in range(16):
         assert np.array_equal(shared.mask(1, z), state.mask(1, z))
 
 
-def test_cancel_leaves_consistent_state_and_resumes(volume, predictor):
-    store = _store(volume, predictor)
+def test_cancel_leaves_consistent_state_and_resumes(volume, predictor, warm_store):
+    store = warm_store
     decoder = twin_predictor(predictor)
     state = _state(volume, [(1, 4), (2, 8)])
     steps = []
@@ -211,16 +220,16 @@ def test_cancel_leaves_consistent_state_and_resumes(volume, predictor):
             assert np.array_equal(state.mask(obj, z), ref.mask(obj, z))
 
 
-def test_closing_the_generator_stops_the_prefetch_thread(volume, predictor):
+def test_closing_the_generator_stops_the_prefetch_thread(volume, predictor, warm_store):
     state = _state(volume, [(1, 8)])
-    gen = propagate(_store(volume, predictor), twin_predictor(predictor), state, criteria=WALK)
+    gen = propagate(warm_store, twin_predictor(predictor), state, criteria=WALK)
     next(gen)
     gen.close()
     assert not any(t.name.startswith("napari-sam-prefetch") for t in threading.enumerate())
 
 
-def test_correction_adds_anchor_and_repropagates_only_from_it(volume, predictor):
-    store = _store(volume, predictor)
+def test_correction_adds_anchor_and_repropagates_only_from_it(volume, predictor, warm_store):
+    store = warm_store
     decoder = twin_predictor(predictor)
     state = _state(volume, [(1, 8)])
     list(propagate(store, decoder, state, criteria=WALK))
@@ -241,9 +250,9 @@ def test_correction_adds_anchor_and_repropagates_only_from_it(volume, predictor)
     assert {s.anchor_z for s in propagate(store, decoder, state, criteria=WALK)} == {8}
 
 
-def test_z_range_limits_and_reports_range(volume, predictor):
+def test_z_range_limits_and_reports_range(volume, predictor, warm_store):
     state = _state(volume, [(1, 8)])
-    steps = list(propagate(_store(volume, predictor), twin_predictor(predictor), state,
+    steps = list(propagate(warm_store, twin_predictor(predictor), state,
                            z_range=(6, 10), criteria=WALK))  # fmt: skip
     assert {s.z for s in steps if s.accepted} == {6, 7, 9, 10}
     assert state.stop_reasons(1) == {
@@ -268,11 +277,11 @@ def test_stop_criteria_rules():
     assert off.check(area=0, score=0.0, iou_prev=0.0, prev_area=90) is StopReason.EMPTY
 
 
-def test_criteria_stop_a_front_and_the_rejected_mask_is_not_kept(volume, predictor):
+def test_criteria_stop_a_front_and_the_rejected_mask_is_not_kept(volume, predictor, warm_store):
     # An impossible overlap threshold stops both fronts on their first slice.
     state = _state(volume, [(1, 8)])
     strict = StopCriteria(min_iou_prev=1.01, max_area_growth=None)
-    steps = list(propagate(_store(volume, predictor), twin_predictor(predictor), state,
+    steps = list(propagate(warm_store, twin_predictor(predictor), state,
                            criteria=strict))  # fmt: skip
     assert [(s.z, s.reason) for s in steps] == [
         (9, StopReason.LOW_OVERLAP),
@@ -304,15 +313,15 @@ def test_prompt_helpers_geometry(predictor):
     assert inter / (back.numpy() | mask).sum() > 0.85
 
 
-def test_options_with_points_and_negatives_run(volume, predictor):
+def test_options_with_points_and_negatives_run(volume, predictor, warm_store):
     state = _state(volume, [(1, 8), (2, 8)])
     opts = PromptOptions(n_positive=2, negatives_from_others=True, multimask=True)
-    steps = list(propagate(_store(volume, predictor), twin_predictor(predictor), state,
+    steps = list(propagate(warm_store, twin_predictor(predictor), state,
                            criteria=WALK, prompts=opts))  # fmt: skip
     assert {s.z for s in steps if s.accepted} == set(range(16)) - {8}
 
 
-def test_bad_input(volume, predictor):
+def test_bad_input(volume, predictor, warm_store):
     img, m1, _ = volume
     state = PropagationState(img.shape[0], img.shape[1:])
     with pytest.raises(ValueError, match="empty"):
@@ -323,10 +332,10 @@ def test_bad_input(volume, predictor):
         state.add_anchor(1, 99, m1[3])
     other = PropagationState(5, img.shape[1:])
     with pytest.raises(ValueError, match="slices"):
-        next(propagate(_store(volume, predictor), predictor, other))
+        next(propagate(warm_store, predictor, other))
     state.add_anchor(1, 3, m1[3])
     with pytest.raises(KeyError, match="no anchor"):
-        next(propagate(_store(volume, predictor), predictor, state, objects=[7]))
+        next(propagate(warm_store, predictor, state, objects=[7]))
 
 
 # --------------------------------------------------- quality (needs a model that segments)

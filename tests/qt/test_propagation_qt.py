@@ -9,7 +9,12 @@ import pytest
 
 from napari_sam.embeddings import EmbeddingStore
 from napari_sam.propagate import PropagationState, StopCriteria
-from volume_helpers import ellipsoid_volume, tiny_predictor, twin_predictor
+from volume_helpers import (  # noqa: F401 (torch_one_thread: autouse fixture)
+    ellipsoid_volume,
+    tiny_predictor,
+    torch_one_thread,
+    twin_predictor,
+)
 
 pytestmark = pytest.mark.gui
 
