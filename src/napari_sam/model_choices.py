@@ -176,12 +176,30 @@ def _user_choices() -> list[ModelChoice]:
     return out
 
 
+def _bundled_choices() -> list[ModelChoice]:
+    """The project's small default model shipped inside the package (works offline)."""
+    try:
+        from napari_sam.model.small_encoder import default_weights
+    except ImportError:
+        return []
+    if not default_weights().is_file():
+        return []
+
+    def load(device):
+        from napari_sam.model.registry import load_model
+
+        return load_model(None, device=device)
+
+    return [ModelChoice("default", "napari-sam default (nsam_s, bundled, offline)", load)]
+
+
 def default_choices() -> list[ModelChoice]:
-    """The model list: cached registry models, your models, then downloads, then untrained."""
+    """The model list: cached registry models, your models, the bundled default model, then
+    downloads, then untrained."""
     reg = _registry_choices()
     cached = [c for c in reg if not c.needs_download]
     remote = [c for c in reg if c.needs_download]
-    return [*cached, *_user_choices(), *remote, *_untrained_choices()]
+    return [*cached, *_user_choices(), *_bundled_choices(), *remote, *_untrained_choices()]
 
 
 def preferred_index(choices: list[ModelChoice]) -> int | None:
