@@ -7,7 +7,7 @@ on synthetic scenes) needs the project's trained default model and is skipped un
 
 import numpy as np
 import pytest
-from _automatic_models import nsam_predictor, project_predictor, tiny_official_sam
+from ._automatic_models import nsam_predictor, project_predictor, tiny_official_sam
 
 from napari_sam._point_decoder import PointDecoder
 from napari_sam._sample_data import _blobs

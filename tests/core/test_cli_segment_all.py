@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tifffile
-from _automatic_models import project_predictor
+from ._automatic_models import project_predictor
 
 from napari_sam import cli
 from napari_sam._cli_segment_all import run

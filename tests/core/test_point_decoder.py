@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _automatic_models import tiny_official_sam
+from ._automatic_models import tiny_official_sam
 
 from napari_sam._point_decoder import PointDecoder, resolve_dtype
 
