@@ -203,16 +203,11 @@ def test_bad_input_errors(predictor, scene):
 
 
 def _default_predictor():
-    try:
-        from napari_sam import SamPredictor, load_model
+    from napari_sam import SamPredictor
 
-        model = load_model()
-    except Exception as e:  # noqa: BLE001 - any failure means: not available yet
-        pytest.skip(
-            f"default model not available ({type(e).__name__}: {e}); "
-            "instance F1 needs napari_sam.load_model() with trained weights"
-        )
-    return SamPredictor(model)
+    from ._default_model import trained_default_model
+
+    return SamPredictor(trained_default_model())
 
 
 def test_instance_f1_on_synthetic_scenes_with_default_model():

@@ -342,12 +342,9 @@ def test_bad_input(volume, predictor, warm_store):
 
 
 def _default_model():
-    try:
-        import napari_sam
+    from ._default_model import trained_default_model
 
-        return napari_sam.load_model()
-    except Exception as e:  # noqa: BLE001 - any failure means "not available yet"
-        pytest.skip(f"the default trained model is not available yet ({type(e).__name__}: {e})")
+    return trained_default_model()
 
 
 def _dice(a, b):
