@@ -308,12 +308,14 @@ def machine() -> str:
     )
 
 
-def write_docs(text: str) -> None:
-    section = f"{START}\n{text}\n{END}"
+def write_docs(text: str, tag: str = "") -> None:
+    """Replace the section between this run's markers in docs/performance.md."""
+    start, end = (START, END) if not tag else (m.replace(":", f":{tag}:", 1) for m in (START, END))
+    section = f"{start}\n{text}\n{end}"
     if DOC.exists():
         doc = DOC.read_text()
-        if START in doc and END in doc:
-            doc = doc[: doc.index(START)] + section + doc[doc.index(END) + len(END) :]
+        if start in doc and end in doc:
+            doc = doc[: doc.index(start)] + section + doc[doc.index(end) + len(end) :]
         else:
             doc = doc.rstrip() + "\n\n" + section + "\n"
     else:
@@ -385,7 +387,7 @@ def main(argv=None) -> int:
     )
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_docs(text, f"threads{args.threads}" if args.threads else "")
         print(f"\nwrote {DOC}")
     return 0
 
