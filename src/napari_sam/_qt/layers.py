@@ -25,7 +25,7 @@ ROLE = "napari_sam"  # key in layer.metadata naming a helper layer's role
 
 POSITIVE, NEGATIVE = "positive", "negative"
 POINT_COLORS = ["#00e676", "#ff1744"]  # positive green, negative red
-CANDIDATE_COLORS = ["#00e5ff", "#ffea00", "#ff9100"]  # cyan, yellow, orange
+CANDIDATE_COLORS = ["#2979ff", "#ff9100", "#d500f9"]  # blue, orange, purple
 SELECTED_OPACITY, DIMMED_OPACITY = 0.6, 0.18
 
 

@@ -728,6 +728,12 @@ class SamWidget(QWidget):
                 name = f"SAM candidate {i + 1}: {names[i]} IoU {cands.ious[i]:.2f}"
                 L.show_candidate(layer, cands.masks[i], ann.key, ann.shape, name, i == sel)
                 self.candidate_buttons[i].setText(f"{i + 1} {names[i]}\nIoU {cands.ious[i]:.2f}")
+        if sel is not None:  # the selected candidate above the other two
+            layers = self.viewer.layers
+            top = max(layers.index(c) for c in self.candidate_layers)
+            i = layers.index(self.candidate_layers[sel])
+            if i != top:
+                layers.move(i, top + 1)
         for i, b in enumerate(self.candidate_buttons):
             b.setChecked(sel == i)
             b.setEnabled(cands is not None)
