@@ -197,7 +197,9 @@ def show_candidate(layer, mask2d, key, shape, name: str, selected: bool) -> None
     """Put one candidate mask (``(H, W)`` bool or None) on its layer, on plane ``key``.
 
     Writes into the layer's array and refreshes it when the shape fits (cheaper in napari
-    than assigning a new array), attribute changes only when needed.
+    than assigning a new array) without recomputing the layer-list thumbnail (a few ms per
+    layer; the widget refreshes thumbnails once the clicks pause); attribute changes only
+    when needed.
     """
     target = plane_layer_shape(shape, key)
     data = layer.data
@@ -209,10 +211,10 @@ def show_candidate(layer, mask2d, key, shape, name: str, selected: bool) -> None
     elif mask2d is None:
         if data.any():
             data[...] = 0
-            layer.refresh()
+            layer.refresh(thumbnail=False)
     else:
         np.copyto(data, mask2d.reshape(target))
-        layer.refresh()
+        layer.refresh(thumbnail=False)
     opacity = SELECTED_OPACITY if selected else DIMMED_OPACITY
     if layer.opacity != opacity:
         layer.opacity = opacity
