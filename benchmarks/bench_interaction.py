@@ -8,10 +8,11 @@ same run: the decoder call (``SamPredictor.predict``: prompt encoder, mask decod
 upsampling; worker thread) and writing the three candidate layers (Qt thread). A direct
 ``predict`` call without napari is the reference.
 
-The model has SAM's real prompt encoder and mask decoder (the same sizes in ViT-B/L/H, so
-the timing is that of any official SAM); its image encoder is a single patch-embedding
-convolution, since the embedding is cached and the encoder never runs during the events.
-Weights are random: timings do not depend on them.
+Models (``--models``): ``sam``: SAM's real prompt encoder and mask decoder (the same sizes
+in ViT-B/L/H, so the timing is that of any official SAM) with a single patch-embedding
+convolution as image encoder, since the embedding is cached and the encoder never runs
+during the events (random weights: timings do not depend on them); ``default``: the
+bundled default model (napari_sam/weights/nsam_s.pt), what the widget starts with.
 
 Run (needs a display; on a headless machine use Xvfb):
 
@@ -166,13 +167,14 @@ START, END = "<!-- bench_interaction:start -->", "<!-- bench_interaction:end -->
 
 def table(rows) -> list[str]:
     out = [
-        "| slice | canvas | decoder runs in | event -> candidate layers, median (ms) | p90 (ms) "
-        "| decoder call (ms) | write 3 layers (ms) | predictor.predict alone (ms) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | slice | canvas | decoder runs in | event -> candidate layers, median (ms) "
+        "| p90 (ms) | decoder call (ms) | write 3 layers (ms) | predictor.predict alone (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
-            f"| {r['size']} x {r['size']} | {r['canvas']} | {r['mode']} | {r['median']:.0f} | "
+            f"| {r['model']} | {r['size']} x {r['size']} | {r['canvas']} | {r['mode']} | "
+            f"{r['median']:.0f} | "
             f"{r['p90']:.0f} | {r['decode']:.0f} | {r['layers']:.0f} | {r['predict_only']:.0f} |"
         )
     return out
@@ -211,6 +213,7 @@ def main(argv=None):
         help="hidden: the window is not shown, so nothing is rendered (software OpenGL "
         "under Xvfb renders on the same CPU cores as the decoder)",
     )
+    ap.add_argument("--models", nargs="+", default=["sam", "default"], choices=["sam", "default"])
     ap.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
     args = ap.parse_args(argv)
 
@@ -220,23 +223,38 @@ def main(argv=None):
     from napari_sam.model_choices import ModelChoice
 
     # torch is first imported when the widget loads the model, as in napari
-    model = []
-    choice = ModelChoice(
-        "bench",
-        "SAM decoder, patch encoder: untrained (testing)",
-        lambda device: model[0] if model else model.append(build_model()) or model[0],
-        trained=False,
-    )
+    cache = {}
+
+    def loader(name):
+        def load(device):
+            if name not in cache:
+                if name == "sam":
+                    cache[name] = build_model()
+                else:
+                    from napari_sam.model.registry import load_model
+
+                    cache[name] = load_model(None, device="cpu")
+            return cache[name]
+
+        return load
+
+    choices = {
+        "sam": ModelChoice("sam", "SAM decoder, patch encoder", loader("sam"), trained=False),
+        "default": ModelChoice("default", "bundled default model", loader("default")),
+    }
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     rows = []
     for canvas in args.canvas:
         viewer = napari.Viewer(show=canvas == "shown")
-        for s in args.sizes:
-            for mode in args.modes:
-                r = bench_size(viewer, SamWidget, choice, s, args.events, mode == "worker")
-                r["canvas"] = canvas
-                rows.append(r)
+        for name in args.models:
+            for s in args.sizes:
+                for mode in args.modes:
+                    r = bench_size(
+                        viewer, SamWidget, choices[name], s, args.events, mode == "worker"
+                    )
+                    r["canvas"], r["model"] = canvas, name
+                    rows.append(r)
         viewer.close()
     import torch
 

@@ -177,12 +177,13 @@ def _user_choices() -> list[ModelChoice]:
 
 
 def _bundled_choices() -> list[ModelChoice]:
-    """The project's small default model shipped inside the package (works offline)."""
+    """The project's default model, shipped with the package (``napari_sam/weights``)."""
     try:
         from napari_sam.model.small_encoder import default_weights
     except ImportError:
         return []
-    if not default_weights().is_file():
+    path = default_weights()
+    if not path.is_file():
         return []
 
     def load(device):
@@ -190,16 +191,16 @@ def _bundled_choices() -> list[ModelChoice]:
 
         return load_model(None, device=device)
 
-    return [ModelChoice("default", "napari-sam default (nsam_s, bundled, offline)", load)]
+    return [ModelChoice("default", f"{path.stem}: napari-sam default model (bundled)", load)]
 
 
 def default_choices() -> list[ModelChoice]:
-    """The model list: cached registry models, your models, the bundled default model, then
-    downloads, then untrained."""
+    """The model list: the bundled default model, cached registry models, your models,
+    then downloads, then untrained test models."""
     reg = _registry_choices()
     cached = [c for c in reg if not c.needs_download]
     remote = [c for c in reg if c.needs_download]
-    return [*cached, *_user_choices(), *_bundled_choices(), *remote, *_untrained_choices()]
+    return [*_bundled_choices(), *cached, *_user_choices(), *remote, *_untrained_choices()]
 
 
 def preferred_index(choices: list[ModelChoice]) -> int | None:

@@ -5,7 +5,12 @@ import numpy as np
 from napari_sam._cli_demo import open_demo
 from napari_sam._qt.widget import SamWidget
 from napari_sam.cli import build_parser
-from napari_sam.model_choices import UNTRAINED_TAG, default_choices, preferred_index
+from napari_sam.model_choices import (
+    UNTRAINED_TAG,
+    _bundled_choices,
+    default_choices,
+    preferred_index,
+)
 
 from .conftest import wait_idle
 
@@ -19,6 +24,9 @@ def test_demo_opens_sample_and_docked_widget(make_napari_viewer, qtbot):
         assert "No model available offline" in widget.banner_text
         return
     assert widget.annotator is not None and widget.annotator.has_embedding()
+    if _bundled_choices():  # the project's default model is what a user starts with
+        assert widget.model_combo.currentData() == "default"
+        assert widget.model_note.isHidden()
     if UNTRAINED_TAG in widget.model_combo.currentText():
         assert "UNTRAINED" in widget.model_note.text() and not widget.model_note.isHidden()
     widget.points_layer.add([[100, 100]])

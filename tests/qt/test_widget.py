@@ -73,6 +73,22 @@ def test_point_and_box_by_layer_api_give_the_predictors_masks(open_widget, qtbot
     sel = int(np.argmax(ious))
     assert f"IoU {ious[sel]:.2f}" in w.candidate_layers[sel].name
     assert w.candidate_layers[sel].opacity > w.candidate_layers[(sel + 1) % 3].opacity
+    order = [viewer.layers.index(c) for c in w.candidate_layers]
+    assert order[sel] == max(order)  # drawn above the other candidates
+    w.select_candidate((sel + 1) % 3)
+    order = [viewer.layers.index(c) for c in w.candidate_layers]
+    assert order[(sel + 1) % 3] == max(order)
+    # moving the point (a 'changed' data event) predicts from the new prompts, fresh
+    w.points_layer.data = np.array([[30.0, 60.0]])
+    wait_idle(qtbot, w)
+    masks, _, _ = reference(
+        models(0),
+        img,
+        point_coords=np.array([[60.0, 30.0]]),
+        point_labels=np.array([1]),
+        box=np.array([25.0, 20, 80, 60]),
+    )
+    np.testing.assert_array_equal(masks_of(w), masks)
     # a second rectangle replaces the first (one box per object)
     w.box_layer.add_rectangles(np.array([[10, 10], [30, 40]]))
     wait_idle(qtbot, w)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QButtonGroup,
     QComboBox,
@@ -108,6 +108,11 @@ class SamWidget(QWidget):
         self._negative_click = False
         self._connections: list = []
         self._build_ui()
+        # layer-list thumbnails of the candidate layers, refreshed once clicks pause
+        self._thumbnails = QTimer(self)
+        self._thumbnails.setSingleShot(True)
+        self._thumbnails.setInterval(400)
+        self._thumbnails.timeout.connect(self._refresh_thumbnails)
         self._connect_viewer()
         self._refresh_images()
         if self.image_combo.count():
@@ -620,9 +625,8 @@ class SamWidget(QWidget):
         yield
         while event.type == "mouse_move":
             yield
-        # napari's add-point callback runs after this one on release; restore afterwards
-        from qtpy.QtCore import QTimer
 
+        # napari's add-point callback runs after this one on release; restore afterwards
         def restore():
             if self.points_layer is layer:
                 layer.feature_defaults["label"] = previous
@@ -728,10 +732,22 @@ class SamWidget(QWidget):
                 name = f"SAM candidate {i + 1}: {names[i]} IoU {cands.ious[i]:.2f}"
                 L.show_candidate(layer, cands.masks[i], ann.key, ann.shape, name, i == sel)
                 self.candidate_buttons[i].setText(f"{i + 1} {names[i]}\nIoU {cands.ious[i]:.2f}")
+        self._thumbnails.start()
+        if sel is not None:  # the selected candidate above the other two
+            layers = self.viewer.layers
+            top = max(layers.index(c) for c in self.candidate_layers)
+            i = layers.index(self.candidate_layers[sel])
+            if i != top:
+                layers.move(i, top + 1)
         for i, b in enumerate(self.candidate_buttons):
             b.setChecked(sel == i)
             b.setEnabled(cands is not None)
         self._update_buttons()
+
+    def _refresh_thumbnails(self):
+        for layer in self.candidate_layers:
+            if layer in self.viewer.layers:
+                layer.refresh()
 
     def select_candidate(self, index: int):
         """Select candidate ``index`` (0, 1, 2) for the commit."""
