@@ -7,7 +7,9 @@ same function with the work that does not depend on the prompt done once per ima
 
 - First transformer layer: the image tokens are still the (shared) image embedding, so the
   key/value projections for token->image attention and the query projection for
-  image->token attention are computed once per image, not once per prompt.
+  image->token attention are computed once per image, not once per prompt. (Not for
+  prompt encoders whose dense output depends on the points, as the project's nsam models
+  render them: detected, and then the first layer runs per prompt like the others.)
 - Later layers: attention scores are formed by folding the projection matrices into the 7
   prompt tokens (``(q W_k) @ keys^T`` instead of ``q @ (keys W_k)^T``), and the attention
   output of the image side is the rank-(heads x tokens) product ``A @ (V W_out)``; the
@@ -18,7 +20,10 @@ same function with the work that does not depend on the prompt done once per ima
 - The heavy matmuls optionally run in bfloat16 (see :func:`resolve_dtype`).
 
 The fast path reads the weights of the standard SAM decoder layout (official module names,
-which the project's model keeps). Anything else falls back to calling the modules.
+which the project's model keeps). Anything else falls back to calling the modules. The
+re-association of the attention products is the one :mod:`napari_sam._fast_decoder` uses
+for interactive clicks; this module adds what pays off for hundreds of prompts on one
+image (shared first layer, IoU-gated upscaling, bfloat16, small memory-friendly chunks).
 """
 
 from __future__ import annotations
