@@ -16,15 +16,21 @@ Weights are random: timings do not depend on them.
 Run (needs a display; on a headless machine use Xvfb):
 
     xvfb-run -a python benchmarks/bench_interaction.py [--events 30] [--sizes 1024 4096]
+        [--canvas shown hidden] [--modes worker qt] [--write-docs]
+
+``--write-docs`` replaces the table between the bench_interaction markers in
+docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -60,29 +66,41 @@ def test_image(size, seed=0):
     return img.astype(np.uint16)
 
 
-def wait_for_events(app):
-    """Sleep until Qt has an event (a worker's result arrives as one) and process it, as
-    the napari event loop does; a busy loop would take the GIL from the worker."""
-    from qtpy.QtCore import QEventLoop
+def wait_until(cond, timeout=600.0):
+    """Run the Qt event loop until ``cond()`` holds (checked every millisecond), as napari
+    runs it: the main thread sleeps between events. A busy ``processEvents`` loop would
+    instead hold the GIL and slow the worker thread down many times over."""
+    from qtpy.QtCore import QEventLoop, QTimer
 
-    app.processEvents(QEventLoop.ProcessEventsFlag.WaitForMoreEvents, 50)
+    if cond():
+        return
+    loop = QEventLoop()
+    t0 = time.perf_counter()
+
+    def check():
+        if cond() or time.perf_counter() - t0 > timeout:
+            loop.quit()
+
+    timer = QTimer()
+    timer.setInterval(1)
+    timer.timeout.connect(check)
+    timer.start()
+    loop.exec()
+    timer.stop()
+    if not cond():
+        raise TimeoutError("condition not met")
 
 
 def pct(values, q):
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def bench_size(viewer, widget_cls, choice, size, events, app):
+def bench_size(viewer, widget_cls, choice, size, events, threaded):
     img = test_image(size)
     viewer.add_image(img, name=f"{size}")
-    w = widget_cls(viewer, models=[choice])
+    w = widget_cls(viewer, models=[choice], threaded=threaded)
     viewer.window.add_dock_widget(w, name=f"SAM {size}")
-    t0 = time.perf_counter()
-    while not w.is_idle() or w.annotator is None or not w.annotator.has_embedding():
-        app.processEvents()
-        time.sleep(0.001)
-        if time.perf_counter() - t0 > 600:
-            raise RuntimeError("embedding did not finish")
+    wait_until(lambda: w.is_idle() and w.annotator is not None and w.annotator.has_embedding())
     ann = w.annotator
 
     decode_ms, show_ms = [], []
@@ -107,15 +125,14 @@ def bench_size(viewer, widget_cls, choice, size, events, app):
     for i in range(events + 3):  # 3 warm-up events
         if i % 5 == 0:
             w.clear()
-            while not w.is_idle():
-                wait_for_events(app)
+            wait_until(w.is_idle)
         pt = rng.uniform(0.1, 0.9, 2) * size
         before = ann.candidates
-        decode_ms.clear() if i < 3 else None
+        if i < 3:
+            decode_ms.clear()
         t = time.perf_counter()
         w.points_layer.add([pt])
-        while not (w.is_idle() and ann.up_to_date and ann.candidates is not before):
-            wait_for_events(app)
+        wait_until(lambda b=before: w.is_idle() and ann.up_to_date and ann.candidates is not b)
         dt = 1e3 * (time.perf_counter() - t)
         if i >= 3:
             total_ms.append(dt)
@@ -134,6 +151,7 @@ def bench_size(viewer, widget_cls, choice, size, events, app):
     viewer.layers.clear()
     return {
         "size": size,
+        "mode": "worker thread" if threaded else "Qt thread",
         "median": statistics.median(total_ms),
         "p90": pct(total_ms, 90),
         "decode": statistics.median(decode_ms) if decode_ms else float("nan"),
@@ -142,47 +160,105 @@ def bench_size(viewer, widget_cls, choice, size, events, app):
     }
 
 
+DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+START, END = "<!-- bench_interaction:start -->", "<!-- bench_interaction:end -->"
+
+
+def table(rows) -> list[str]:
+    out = [
+        "| slice | canvas | decoder runs in | event -> candidate layers, median (ms) | p90 (ms) "
+        "| decoder call (ms) | write 3 layers (ms) | predictor.predict alone (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['size']} x {r['size']} | {r['canvas']} | {r['mode']} | {r['median']:.0f} | "
+            f"{r['p90']:.0f} | {r['decode']:.0f} | {r['layers']:.0f} | {r['predict_only']:.0f} |"
+        )
+    return out
+
+
+def write_docs(text: str) -> None:
+    section = f"{START}\n{text}\n{END}"
+    if DOC.exists():
+        doc = DOC.read_text()
+        if START in doc and END in doc:
+            doc = doc[: doc.index(START)] + section + doc[doc.index(END) + len(END) :]
+        else:
+            doc = doc.rstrip() + "\n\n" + section + "\n"
+    else:
+        doc = "# Performance\n\n" + section + "\n"
+    DOC.write_text(doc)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=30)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["worker", "qt"],
+        choices=["worker", "qt"],
+        help="decoder in a worker thread (the widget's default) and/or on the Qt thread "
+        "(NAPARI_SAM_NO_THREADS=1)",
+    )
+    ap.add_argument(
+        "--canvas",
+        nargs="+",
+        default=["shown"],
+        choices=["shown", "hidden"],
+        help="hidden: the window is not shown, so nothing is rendered (software OpenGL "
+        "under Xvfb renders on the same CPU cores as the decoder)",
+    )
+    ap.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
     args = ap.parse_args(argv)
 
     import napari
-    import torch
-    from qtpy.QtWidgets import QApplication
 
     from napari_sam._qt.widget import SamWidget
     from napari_sam.model_choices import ModelChoice
 
-    model = build_model()
+    # torch is first imported when the widget loads the model, as in napari
+    model = []
     choice = ModelChoice(
         "bench",
         "SAM decoder, patch encoder: untrained (testing)",
-        lambda device: model,
+        lambda device: model[0] if model else model.append(build_model()) or model[0],
         trained=False,
     )
-    viewer = napari.Viewer(show=True)
-    app = QApplication.instance()
-    rows = [bench_size(viewer, SamWidget, choice, s, args.events, app) for s in args.sizes]
-    viewer.close()
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    rows = []
+    for canvas in args.canvas:
+        viewer = napari.Viewer(show=canvas == "shown")
+        for s in args.sizes:
+            for mode in args.modes:
+                r = bench_size(viewer, SamWidget, choice, s, args.events, mode == "worker")
+                r["canvas"] = canvas
+                rows.append(r)
+        viewer.close()
+    import torch
 
-    print(f"# bench_interaction: {args.events} point events per size, embedding cached")
-    print(
-        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}, python {sys.version.split()[0]}"
+    env = (
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+        f"load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, "
+        f"{time.perf_counter() - t0:.0f} s, python {sys.version.split()[0]}, "
+        f"napari {napari.__version__}, Qt platform {os.environ.get('QT_QPA_PLATFORM', 'xcb')}"
     )
-    print(
-        "| slice | event -> candidate layers, median (ms) | p90 (ms) | decoder call (ms) "
-        "| write 3 layers (ms) | predictor.predict alone (ms) | target |"
+    cmd = "xvfb-run -a python benchmarks/bench_interaction.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
     )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        target = "< 50 ms" if r["size"] <= 1024 else "-"
-        print(
-            f"| {r['size']} x {r['size']} | {r['median']:.1f} | {r['p90']:.1f} | "
-            f"{r['decode']:.1f} | {r['layers']:.1f} | {r['predict_only']:.1f} | {target} |"
-        )
+    lines = [
+        f"`{cmd}` ({args.events} point events per row, embedding cached; {env})",
+        "",
+        *table(rows),
+    ]
+    print("\n".join(lines))
+    if args.write_docs:
+        write_docs("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,20 @@ def main(argv=None) -> None:
             best, med = timed_pair({"ours": lambda: tiny(x)}, args.repeat)["ours"]
             rows.append(("image encoder vit_t 1024 (no reference)", "ours", best, med, None))
 
+    # One ViT block of the model, windowed and global, on the 64 x 64 token grid.
+    tokens = torch.randn(1, 64, 64, ref.image_encoder.blocks[0].norm1.normalized_shape[0])
+    glob = next(i for i, b in enumerate(ref.image_encoder.blocks) if b.window_size == 0)
+    with torch.inference_mode():
+        for label, i in (("windowed", 0), ("global", glob)):
+            rb, ob = ref.image_encoder.blocks[i], ours.image_encoder.blocks[i]
+            d = (rb(tokens) - ob(tokens)).abs().max().item()
+            res = timed_pair(
+                {"official": lambda rb=rb: rb(tokens), "ours": lambda ob=ob: ob(tokens)},
+                3 * args.repeat,
+            )
+            for name, (best, med) in res.items():
+                rows.append((f"one {label} {args.model} block, 64x64 tokens", name, best, med, d))
+
     emb = torch.randn(1, 256, 64, 64)
     pts = torch.tensor([[[400.0, 300.0], [600.0, 500.0]]])
     lbl = torch.tensor([[1, 0]])

@@ -148,6 +148,21 @@ def _token_to_image(attn: nn.Module, q_tok: Tensor, x_pe: Tensor, x: Tensor) -> 
     return attn.out_proj(v)
 
 
+def _token_to_image_cached(attn: nn.Module, q_tok: Tensor, k_img: Tensor, v_img: Tensor):
+    """Tokens attend to image tokens whose keys/values were projected once per image.
+
+    q_tok: (B, T, C); k_img, v_img: (1, heads, hw, d) projected keys (with PE) / values.
+    Returns (B, T, C), equal to ``attn(q_tok, x_pe, x)`` for the x they were made from.
+    """
+    nh = attn.num_heads
+    b, t, _ = q_tok.shape
+    d = attn.internal_dim // nh
+    q = _heads(attn.q_proj(q_tok), nh) * (1.0 / math.sqrt(d))  # B x nh x T x d
+    probs = torch.softmax(torch.matmul(q, k_img.transpose(-1, -2)), dim=-1)  # B x nh x T x hw
+    out = torch.matmul(probs, v_img)  # B x nh x T x d
+    return attn.out_proj(out.transpose(1, 2).reshape(b, t, attn.internal_dim))
+
+
 def _image_to_token(
     attn: nn.Module,
     x_pe: Tensor,
@@ -155,24 +170,29 @@ def _image_to_token(
     k_tok: Tensor,
     v_tok: Tensor,
     ws: Workspace | None = None,
+    q_img_t: Tensor | None = None,
 ) -> Tensor:
     """Image tokens attend to tokens; returns the residual sum ``x + attn(x_pe, k_tok, v_tok)``.
 
     x_pe: (B|1, hw, C) image queries (with PE); x: (B|1, hw, C) the residual input;
     k_tok: (B, T, C) token keys (with PE); v_tok: (B, T, C) token values. Returns (B, hw, C).
+    q_img_t: optional (1, heads, d, hw) ``q_proj(x_pe)`` projected once per image.
     """
     nh = attn.num_heads
     b, t, _ = k_tok.shape
     d = attn.internal_dim // nh
     k = _heads(attn.k_proj(k_tok), nh) * (1.0 / math.sqrt(d))  # B x nh x T x d
     v = _heads(attn.v_proj(v_tok), nh)  # B x nh x T x d
-    m = torch.matmul(k, attn.q_proj.weight.view(nh, d, -1))  # B x nh x T x C
-    bias = torch.matmul(k, attn.q_proj.bias.view(nh, d, 1))  # B x nh x T x 1
     # Logits laid out (B, nh*T, hw) so that the softmax over T runs along a strided axis
     # with hw contiguous values per step (a softmax over a last axis of length T is slow).
-    logits = torch.baddbmm(
-        bias.view(b, nh * t, 1), m.view(b, nh * t, -1), x_pe.expand(b, -1, -1).transpose(1, 2)
-    )
+    if q_img_t is not None:
+        logits = torch.matmul(k, q_img_t).view(b, nh * t, -1)  # (B nh T d) @ (1 nh d hw)
+    else:
+        m = torch.matmul(k, attn.q_proj.weight.view(nh, d, -1))  # B x nh x T x C
+        bias = torch.matmul(k, attn.q_proj.bias.view(nh, d, 1))  # B x nh x T x 1
+        logits = torch.baddbmm(
+            bias.view(b, nh * t, 1), m.view(b, nh * t, -1), x_pe.expand(b, -1, -1).transpose(1, 2)
+        )
     hw = logits.shape[-1]
     probs = torch.softmax(logits.view(b, nh, t, hw), dim=2).view(b, nh * t, hw)
     wo = attn.out_proj.weight.t().reshape(nh, d, -1)  # nh x d x C
@@ -257,23 +277,52 @@ class Prepared:
 
     image_embeddings: (1, C, h, w); image_pe: (1, C, h, w) dense positional encoding;
     no_mask_dense: (1, C, h, w) the prompt encoder's dense embedding without a mask prompt;
+    image_tokens: (1, h*w, C) the embedding as row-major tokens;
     keys: (1, h*w, C) image tokens + no-mask embedding; keys_pe: keys + positional encoding;
     key_pe: (1, h*w, C) positional encoding as tokens.
+    first_k, first_v: (1, heads, h*w, d) the first block's token -> image keys and values
+    of ``keys``; first_q_t: (1, heads, d, h*w) its image -> token queries (None when the
+    decoder has no fast path). Without a mask prompt the first block's image tokens are
+    the same for every click, so their projections are made once per image.
     """
 
     image_embeddings: Tensor
     image_pe: Tensor
     no_mask_dense: Tensor
+    image_tokens: Tensor
     keys: Tensor
     keys_pe: Tensor
     key_pe: Tensor
+    first_k: Tensor | None = None
+    first_v: Tensor | None = None
+    first_q_t: Tensor | None = None
 
 
-def prepare(image_embeddings: Tensor, image_pe: Tensor, no_mask_dense: Tensor) -> Prepared:
-    """Precompute the image-token tensors of the first decoder block (no mask prompt)."""
-    keys = (image_embeddings + no_mask_dense).flatten(2).transpose(1, 2).contiguous()
+def _project(lin: nn.Linear, x: Tensor, nh: int) -> Tensor:
+    """(1, hw, C) -> (1, heads, hw, d) contiguous."""
+    return _heads(lin(x), nh).contiguous()
+
+
+def prepare(
+    image_embeddings: Tensor,
+    image_pe: Tensor,
+    no_mask_dense: Tensor,
+    mask_decoder: nn.Module | None = None,
+) -> Prepared:
+    """Precompute the image-side tensors of the first decoder block (no mask prompt)."""
+    tokens = image_embeddings.flatten(2).transpose(1, 2).contiguous()
+    keys = tokens + no_mask_dense.flatten(2).transpose(1, 2)
     key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
-    return Prepared(image_embeddings, image_pe, no_mask_dense, keys, keys + key_pe, key_pe)
+    keys_pe = keys + key_pe
+    prep = Prepared(image_embeddings, image_pe, no_mask_dense, tokens, keys, keys_pe, key_pe)
+    if mask_decoder is not None and supports_fast_path(mask_decoder):
+        blk = mask_decoder.transformer.layers[0]
+        t2i, i2t = blk.cross_attn_token_to_image, blk.cross_attn_image_to_token
+        prep.first_k = _project(t2i.k_proj, keys_pe, t2i.num_heads)
+        prep.first_v = _project(t2i.v_proj, keys, t2i.num_heads)
+        prep.first_q_t = _project(i2t.q_proj, keys_pe, i2t.num_heads).transpose(-1, -2)
+        prep.first_q_t = prep.first_q_t.contiguous()
+    return prep
 
 
 def decode(
@@ -318,12 +367,14 @@ def decode(
     out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
     tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], 1)
     key_pe = prepared.key_pe
+    cached = dense_prompt_embeddings is None and prepared.first_k is not None
     if dense_prompt_embeddings is None:  # batch-1 image tokens until the first update
         keys, keys_pe = prepared.keys, prepared.keys_pe
     else:
-        keys = (prepared.image_embeddings + dense_prompt_embeddings).flatten(2).transpose(1, 2)
-        keys = keys.contiguous()  # B x hw x C
-        keys_pe = keys + key_pe
+        dense = dense_prompt_embeddings.flatten(2).transpose(1, 2)  # B x hw x C (a view)
+        keys = _buffer(ws, "keys", dense.shape, dense)
+        torch.add(prepared.image_tokens, dense, out=keys)
+        keys_pe = torch.add(keys, key_pe, out=_buffer(ws, "keys_pe", keys.shape, keys))
     queries = tokens
     for i, blk in enumerate(tr.layers):
         if blk.skip_first_layer_pe:
@@ -334,13 +385,20 @@ def decode(
         queries = blk.norm1(queries)
         if i > 0:
             keys_pe = torch.add(keys, key_pe, out=_buffer(ws, "keys_pe", keys.shape, keys))
-        attn = _token_to_image(blk.cross_attn_token_to_image, queries + tokens, keys_pe, keys)
+        first = i == 0 and cached
+        if first:
+            t2i = blk.cross_attn_token_to_image
+            attn = _token_to_image_cached(
+                t2i, queries + tokens, prepared.first_k, prepared.first_v
+            )
+        else:
+            attn = _token_to_image(blk.cross_attn_token_to_image, queries + tokens, keys_pe, keys)
         queries = blk.norm2(queries + attn)
         queries = blk.norm3(queries + blk.mlp(queries))
         k_tok = queries + tokens
-        keys = blk.norm4(
-            _image_to_token(blk.cross_attn_image_to_token, keys_pe, keys, k_tok, queries, ws)
-        )
+        i2t = blk.cross_attn_image_to_token
+        q_img_t = prepared.first_q_t if first else None
+        keys = blk.norm4(_image_to_token(i2t, keys_pe, keys, k_tok, queries, ws, q_img_t))
     keys_pe = torch.add(keys, key_pe, out=_buffer(ws, "keys_pe", keys.shape, keys))
     attn = _token_to_image(tr.final_attn_token_to_image, queries + tokens, keys_pe, keys)
     queries = tr.norm_final_attn(queries + attn)

@@ -790,6 +790,36 @@ class Annotator:
         return {a.key for a in (*self._undo, *self._redo)}
 
 
+def to_session_object(record: ObjectRecord):
+    """The :class:`napari_sam.io.session.ObjectRecord` of a commit: one ``PromptRecord``
+    per step of its refinement chain (same order, candidate and ``use_previous_mask``),
+    so that ``io.session.replay`` reproduces the committed mask with the same model."""
+    from napari_sam.io.session import ObjectRecord as SessionObject
+    from napari_sam.io.session import PromptRecord
+
+    sliced = [(axis, k) for axis, k in enumerate(record.slice_key) if k is not None]
+    axis, index = sliced[0] if sliced else (0, None)
+    prompts = [
+        PromptRecord(
+            points=[tuple(p) for p in s.points],
+            point_labels=list(s.labels),
+            box=None if s.box is None else tuple(s.box),
+            slice_index=index,
+            axis=axis,
+            candidate=s.candidate,
+            multimask=True,
+            use_previous_mask=s.uses_previous,
+        )
+        for s in record.steps
+    ]
+    return SessionObject(
+        record.label_id,
+        prompts,
+        model=record.model or None,
+        extra={"overlap": record.overlap, "predicted_iou": record.predicted_iou},
+    )
+
+
 def _chain(prompts: Prompts, candidate: int) -> list[PromptStep]:
     steps = []
     p, cand = prompts, candidate

@@ -161,12 +161,45 @@ def file_choice(path: str | os.PathLike) -> ModelChoice:
     return ModelChoice(f"file:{path}", f"{path.name} (local file)", load)
 
 
+def _user_choices() -> list[ModelChoice]:
+    """The user's own models (e.g. fine-tuned: ``napari_sam.model.user_models``)."""
+    try:
+        from napari_sam.model.user_models import list_user_models
+
+        found = list_user_models()
+    except Exception:  # an unusable cache dir must not hide the list
+        return []
+    out = []
+    for m in found:
+        c = file_choice(m.path)
+        out.append(ModelChoice(f"user:{m.path}", f"{m.name} (your model)", c.load))
+    return out
+
+
+def _bundled_choices() -> list[ModelChoice]:
+    """The project's small default model shipped inside the package (works offline)."""
+    try:
+        from napari_sam.model.small_encoder import default_weights
+    except ImportError:
+        return []
+    if not default_weights().is_file():
+        return []
+
+    def load(device):
+        from napari_sam.model.registry import load_model
+
+        return load_model(None, device=device)
+
+    return [ModelChoice("default", "napari-sam default (nsam_s, bundled, offline)", load)]
+
+
 def default_choices() -> list[ModelChoice]:
-    """The model list: cached registry models, then downloads, then untrained ones."""
+    """The model list: cached registry models, your models, the bundled default model, then
+    downloads, then untrained."""
     reg = _registry_choices()
     cached = [c for c in reg if not c.needs_download]
     remote = [c for c in reg if c.needs_download]
-    return [*cached, *remote, *_untrained_choices()]
+    return [*cached, *_user_choices(), *_bundled_choices(), *remote, *_untrained_choices()]
 
 
 def preferred_index(choices: list[ModelChoice]) -> int | None:

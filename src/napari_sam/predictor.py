@@ -22,6 +22,7 @@ along the mask outlines (:mod:`napari_sam._masks`). See docs/performance.md.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
@@ -65,7 +66,8 @@ class EmbeddingCache:
     """Least-recently-used map ``signature -> Embedding`` bounded by total bytes.
 
     An embedding larger than the whole budget is not stored. ``max_bytes = 0`` disables
-    caching. ``hits``/``misses``/``evictions`` count lookups and removals.
+    caching. ``hits``/``misses``/``evictions`` count lookups and removals. Thread-safe (a
+    worker may fill it while the UI thread reads it).
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
@@ -73,6 +75,7 @@ class EmbeddingCache:
             raise ValueError(f"cache_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[str, Embedding] = OrderedDict()
+        self._lock = threading.Lock()
         self.nbytes = 0
         self.hits = self.misses = self.evictions = 0
 
@@ -84,33 +87,39 @@ class EmbeddingCache:
 
     def keys(self) -> list[str]:
         """Signatures from least to most recently used."""
-        return list(self._items)
+        with self._lock:
+            return list(self._items)
 
     def get(self, signature: str) -> Embedding | None:
-        emb = self._items.get(signature)
-        if emb is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(signature)
-        self.hits += 1
-        return emb
+        """The cached embedding (now most recently used), or None."""
+        with self._lock:
+            emb = self._items.get(signature)
+            if emb is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(signature)
+            self.hits += 1
+            return emb
 
     def put(self, emb: Embedding) -> None:
+        """Store ``emb`` under ``emb.signature``, evicting least recently used entries."""
         sig = emb.signature
         if not sig or emb.nbytes > self.max_bytes:
             return
-        if sig in self._items:
-            self.nbytes -= self._items.pop(sig).nbytes
-        self._items[sig] = emb
-        self.nbytes += emb.nbytes
-        while self.nbytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.nbytes -= old.nbytes
-            self.evictions += 1
+        with self._lock:
+            if sig in self._items:
+                self.nbytes -= self._items.pop(sig).nbytes
+            self._items[sig] = emb
+            self.nbytes += emb.nbytes
+            while self.nbytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= old.nbytes
+                self.evictions += 1
 
     def clear(self) -> None:
-        self._items.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
 
 
 def content_hash(image: np.ndarray) -> str:
@@ -144,6 +153,9 @@ class SamPredictor:
             autocast (faster on CPUs with AVX-512 BF16 / AMX and on GPUs; masks can differ
             slightly, see docs/performance.md).
         fast_decoder: use the re-associated decoder (same results up to float rounding).
+
+    A predictor holds the current slice and scratch buffers: use one per thread (several
+    predictors may share a model and an :class:`EmbeddingCache` via ``predictor.cache``).
 
     Attributes:
         encoder_runs: how many times the image encoder ran (cache misses).
@@ -315,7 +327,9 @@ class SamPredictor:
             pe = self.model.prompt_encoder
             image_pe = pe.get_dense_pe().to(self.device)
             _, no_mask = pe(points=None, boxes=None, masks=None)
-            self._prepared = _fast_decoder.prepare(self._embedding.features, image_pe, no_mask)
+            self._prepared = _fast_decoder.prepare(
+                self._embedding.features, image_pe, no_mask, self.model.mask_decoder
+            )
         return self._prepared
 
     # ------------------------------------------------------------------ prediction

@@ -329,3 +329,31 @@ def test_cache_is_lru_by_bytes(model):
     ann.compute_embedding((2, None, None))  # touch: most recent
     ann.compute_embedding((3, None, None))
     assert ann.cached_slices() == [(2, None, None), (3, None, None)]
+
+
+def test_records_replay_through_the_session_format(model):
+    """A session built from the annotator's records replays to the committed labels."""
+    from napari_sam.annotator import to_session_object
+    from napari_sam.io.session import SessionRecord, replay
+
+    vol = blob_image((3, 48, 64))
+    ann = Annotator(make_predictor(model), vol, overlap="overwrite")
+    ann.set_slice((1, None, None))
+    ann.add_point((24, 30))
+    ann.update()
+    ann.select(0)
+    ann.add_point((5, 5), positive=False)  # refinement step
+    ann.update()
+    ann.commit()
+    ann.set_slice((2, None, None))
+    ann.set_prompts([[20, 20]], box=[10, 10, 40, 50])
+    ann.update()
+    ann.commit()
+    session = SessionRecord(
+        objects=[to_session_object(r) for r in ann.records],
+        image_shape=ann.shape,
+        paint="overwrite",
+    )
+    assert [p.use_previous_mask for p in session.objects[0].prompts] == [False, True]
+    labels = replay(session, make_predictor(model), vol)
+    np.testing.assert_array_equal(labels, ann.labels)

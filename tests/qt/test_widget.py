@@ -193,6 +193,20 @@ def test_change_model_recomputes_with_the_new_weights(open_widget, qtbot, models
         )[0],
     )
     assert UNTRAINED_TAG in w.model_combo.currentText()
+    # contrast from the layer's contrast limits: a window for the predictors, new embedding
+    layer = viewer.layers[0]
+    layer.contrast_limits = (150.0, 900.0)
+    runs = models(1).counter.count
+    w.contrast_combo.setCurrentText("layer contrast limits")
+    wait_idle(qtbot, w)
+    c = w.annotator.predictor.contrast
+    assert (c.mode, c.vmin, c.vmax) == ("window", 150.0, 900.0)
+    assert w.annotator.encoder.contrast.vmax == 900.0
+    assert models(1).counter.count == runs + 1
+    assert len(w.annotator.prompts.points) == 1 and masks_of(w).any()
+    w.device_combo.setCurrentText("cpu")
+    wait_idle(qtbot, w)
+    assert w._model[:2] == ("tiny-b", "cpu") and w.annotator.has_embedding()
 
 
 def test_rgb_image(open_widget, qtbot, models):
@@ -289,3 +303,25 @@ def test_image_removed_or_replaced_while_embedding(make_napari_viewer, qtbot, mo
                 models(0), new, point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1])
             )[0],
         )
+
+
+def test_scrolling_skips_stale_slices_and_commit_waits_for_the_decoder(open_widget, qtbot):
+    vol = blob_image((6, 48, 64))
+    viewer, w = open_widget(vol)
+    ann = w.annotator
+    first = ann.key[0]
+    zs = [z for z in range(6) if z != first][:4]
+    start = ann.encoder_runs
+    for z in zs:  # fast scrolling: no event loop between the steps
+        viewer.dims.set_current_step(0, z)
+    wait_idle(qtbot, w)
+    assert ann.key == (zs[-1], None, None) and ann.has_embedding()
+    assert not any(ann.has_embedding((z, None, None)) for z in zs[1:3])
+    assert ann.encoder_runs - start == 2  # the first step (already running) and the last
+    viewer.dims.set_current_step(0, 4)
+    wait_idle(qtbot, w)
+    w.points_layer.add([[4, 24, 30]])
+    w.commit()  # before the decoder has delivered
+    assert "as soon as" in w.status_text and not w.objects_layer.data[4].any()
+    wait_idle(qtbot, w)
+    assert w.objects_layer.data[4].any() and ann.prompts.is_empty

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
@@ -85,19 +87,23 @@ class SamWidget(QWidget):
         parent=None,
     ):
         super().__init__(parent)
+        _prefer_passive_openmp()
         self.viewer = napari_viewer
         if threaded is None:
             threaded = os.environ.get("NAPARI_SAM_NO_THREADS", "") not in ("1", "true")
         self.models: list[ModelChoice] = list(default_choices() if models is None else models)
-        self._encoder_jobs = LatestWins(threaded, progress=True)
-        self._decoder_jobs = LatestWins(threaded)
-        self._loader_jobs = LatestWins(threaded, progress=True)
+        # one thread for all torch work (see napari_sam._qt.workers)
+        self._torch = ThreadPoolExecutor(1, "napari-sam-torch") if threaded else None
+        self._encoder_jobs = LatestWins(threaded, progress=True, executor=self._torch)
+        self._decoder_jobs = LatestWins(threaded, executor=self._torch)
+        self._loader_jobs = LatestWins(threaded, progress=True, executor=self._torch)
         self.annotator = None
         self.image_layer = None
         self.points_layer = self.box_layer = self.objects_layer = None
         self.candidate_layers: list = []
         self._model = None  # (choice key, device, model)
         self._carried: dict = {}
+        self._commit_when_ready = False
         self._syncing = False
         self._negative_click = False
         self._connections: list = []
@@ -226,7 +232,7 @@ class SamWidget(QWidget):
         self.image_combo.currentIndexChanged.connect(lambda *_: self._setup())
         self.model_combo.currentIndexChanged.connect(self._on_model_combo)
         self.device_combo.currentIndexChanged.connect(lambda *_: self._setup())
-        self.contrast_combo.currentIndexChanged.connect(lambda *_: self._setup(keep_model=True))
+        self.contrast_combo.currentIndexChanged.connect(lambda *_: self._setup())
 
     # ============================================================ viewer events
     def _connect_viewer(self):
@@ -279,6 +285,7 @@ class SamWidget(QWidget):
                 self.viewer,
                 dict(self._keys),
                 [self._encoder_jobs, self._decoder_jobs, self._loader_jobs],
+                self._torch,
             )
         )
 
@@ -378,7 +385,7 @@ class SamWidget(QWidget):
         key = self.model_combo.currentData()
         return next((c for c in self.models if c.key == key), None)
 
-    def _setup(self, keep_model: bool = True, keep_banner: bool = False):
+    def _setup(self, keep_banner: bool = False):
         """(Re)build the session for the selected image, model, device and contrast."""
         if not keep_banner:
             self._set_banner("")
@@ -470,6 +477,7 @@ class SamWidget(QWidget):
         the committed objects)."""
         self._encoder_jobs.cancel_pending()
         self._decoder_jobs.cancel_pending()
+        self._commit_when_ready = False
         if self.image_layer is not None:
             with contextlib.suppress(TypeError, ValueError, RuntimeError):
                 self.image_layer.events.data.disconnect(self._on_image_data)
@@ -693,6 +701,9 @@ class SamWidget(QWidget):
             return
         if ann.apply(candidates):
             self._show_candidates()
+            if self._commit_when_ready and ann.up_to_date:
+                self.commit()
+                return
             if ann.up_to_date:
                 i = ann.selected
                 self._set_status(
@@ -731,10 +742,19 @@ class SamWidget(QWidget):
 
     # =============================================================== actions
     def commit(self):
+        """Commit the selected candidate (once the candidates match the prompts)."""
         ann = self.annotator
         if ann is None:
             self._set_status("nothing to commit: no image/model set up")
             return
+        if not ann.prompts.is_empty and not ann.waiting_for_embedding and not ann.up_to_date:
+            # the decoder is still on the latest prompts: commit when it delivers (no
+            # torch on the Qt thread)
+            self._commit_when_ready = True
+            self._set_status("committing as soon as the candidates are up to date...")
+            self._request_decode()
+            return
+        self._commit_when_ready = False
         label_id = self.label_id.value() or None
         try:
             record = ann.commit(label_id=label_id, overlap=self.overlap_combo.currentData())
@@ -829,14 +849,28 @@ class SamWidget(QWidget):
         return not (self._loader_jobs.busy or self._encoder_jobs.busy or self._decoder_jobs.busy)
 
 
+def _prefer_passive_openmp():
+    """Let idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``).
+
+    The widget's torch thread shares the cores with napari's own work (and software
+    rendering on machines without a GPU); spinning OpenMP workers of an idle thread team
+    made the decoder several times slower on a 2-core machine (docs/performance.md). Only
+    set when torch is not imported yet (OpenMP reads it once) and the user has not chosen.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _axis_letters(n):
     return "zyx"[-n:] if n <= 3 else None
 
 
-def _disconnect(pairs, viewer, keys, runners, *_):
+def _disconnect(pairs, viewer, keys, runners, executor, *_):
     """On widget deletion: stop callbacks into it (viewer events, key bindings, workers)."""
     for r in runners:
         r.close()
+    if executor is not None:
+        executor.shutdown(wait=False, cancel_futures=True)
     for emitter, cb in pairs:
         with contextlib.suppress(TypeError, ValueError, RuntimeError):
             emitter.disconnect(cb)

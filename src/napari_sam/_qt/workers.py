@@ -10,6 +10,13 @@ be interrupted (a torch forward pass has no cancel point); its result is handed 
 
 ``threaded=False`` runs every job inline on the calling thread (debugging, and a switch
 ``NAPARI_SAM_NO_THREADS=1`` for the widget).
+
+All torch work of a widget runs on **one** thread (``executor``, a single-thread
+``ThreadPoolExecutor`` the napari worker hands the job to and waits for). torch's OpenMP
+keeps a team of threads per calling thread, and an idle team spin-waits for a while after
+each parallel region; with work hopping between napari's pool threads, those teams compete
+for the cores and a decoder call measured 5-10x slower on a 2-core machine
+(benchmarks/bench_interaction.py). One torch thread means one team.
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ class LatestWins:
     """Run ``prepare() -> work`` on the Qt thread, ``work()`` in a worker, ``done(result)``
     back on the Qt thread; at most one job runs and at most one waits."""
 
-    def __init__(self, threaded: bool = True, progress: bool = False):
+    def __init__(self, threaded: bool = True, progress: bool = False, executor=None):
         self.threaded = threaded
         self.progress = progress
+        self.executor = executor
         self._running = False
         self._pending: _Job | None = None
         self._worker = None
@@ -95,6 +103,8 @@ class LatestWins:
             # bad input must end in the widget's message instead, so errors come back as
             # values.
             try:
+                if self.executor is not None:
+                    return True, self.executor.submit(work).result()
                 return True, work()
             except Exception as e:  # noqa: BLE001
                 return False, e
