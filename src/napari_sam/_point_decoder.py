@@ -7,7 +7,9 @@ same function with the work that does not depend on the prompt done once per ima
 
 - First transformer layer: the image tokens are still the (shared) image embedding, so the
   key/value projections for token->image attention and the query projection for
-  image->token attention are computed once per image, not once per prompt.
+  image->token attention are computed once per image, not once per prompt. (Not for
+  prompt encoders whose dense output depends on the points, as the project's nsam models
+  render them: detected, and then the first layer runs per prompt like the others.)
 - Later layers: attention scores are formed by folding the projection matrices into the 7
   prompt tokens (``(q W_k) @ keys^T`` instead of ``q @ (keys W_k)^T``), and the attention
   output of the image side is the rank-(heads x tokens) product ``A @ (V W_out)``; the
@@ -18,7 +20,10 @@ same function with the work that does not depend on the prompt done once per ima
 - The heavy matmuls optionally run in bfloat16 (see :func:`resolve_dtype`).
 
 The fast path reads the weights of the standard SAM decoder layout (official module names,
-which the project's model keeps). Anything else falls back to calling the modules.
+which the project's model keeps). Anything else falls back to calling the modules. The
+re-association of the attention products is the one :mod:`napari_sam._fast_decoder` uses
+for interactive clicks; this module adds what pays off for hundreds of prompts on one
+image (shared first layer, IoU-gated upscaling, bfloat16, small memory-friendly chunks).
 """
 
 from __future__ import annotations
@@ -139,16 +144,15 @@ class _FastPath:
     # laid out (B, heads*T, HW) so that every softmax and reduction runs along contiguous
     # memory.
 
-    def _scores_vs_image(self, x: Tensor, keys: Tensor, pre: dict) -> Tensor:
-        """x (B, N, C) -> x @ (keys + PE)^T, (B, N, HW), without building keys + PE."""
-        x = x.to(self.dtype)
-        return (x @ pre["pt"]).baddbmm_(x, keys.transpose(1, 2))
+    def _scores_vs_image(self, x: Tensor, kpe: Tensor) -> Tensor:
+        """x (B, N, C) -> x @ kpe^T, (B, N, HW); kpe = image tokens + PE (B, HW, C)."""
+        return x.to(self.dtype) @ kpe.transpose(1, 2)
 
-    def token_to_image(self, attn, q_tok: Tensor, keys, pre: dict) -> Tensor:
+    def token_to_image(self, attn, q_tok: Tensor, keys, kpe, pre: dict) -> Tensor:
         """Tokens attend to the image. q_tok (B, T, C) float32; returns (B, T, C) float32.
 
-        keys: (B, HW, C) image tokens, or None while they are still the shared embedding
-        (first layer), whose projections were precomputed.
+        keys, kpe: (B, HW, C) image tokens and image tokens + PE, or None while they are
+        still the shared embedding (first layer), whose projections were precomputed.
         """
         nh = attn.num_heads
         qh = _heads(attn.q_proj(q_tok), nh)  # (B, h, T, d)
@@ -163,7 +167,7 @@ class _FastPath:
             wk = attn.k_proj.weight.view(nh, d, -1)  # (h, d, C)
             qk = (qh @ wk).reshape(b, nh * t, -1)  # (B, h*T, C): q folded through W_k
             qb = (qh * attn.k_proj.bias.view(1, nh, 1, d)).sum(-1).view(b, nh * t, 1)
-            scores = self._scores_vs_image(qk, keys, pre) + qb.to(self.dtype)
+            scores = self._scores_vs_image(qk, kpe) + qb.to(self.dtype)
             a = torch.softmax(scores * scale, dim=-1)  # (B, h*T, HW)
             ak = (a @ keys).float().view(b, nh, t, -1)  # (B, h, T, C): attention-pooled keys
             wv = attn.v_proj.weight.view(nh, d, -1)  # (h, d, C)
@@ -171,7 +175,7 @@ class _FastPath:
         out = out.float().transpose(1, 2).reshape(b, t, nh * d)
         return attn.out_proj(out)
 
-    def image_to_token(self, attn, k_tok: Tensor, v_tok: Tensor, keys, pre: dict, norm):
+    def image_to_token(self, attn, k_tok: Tensor, v_tok: Tensor, keys, kpe, pre: dict, norm):
         """The image attends to the tokens; returns norm(keys + update), (B, HW, C).
 
         k_tok (B, T, C) tokens + PE, v_tok (B, T, C) tokens, float32. keys (B, HW, C), or
@@ -189,7 +193,7 @@ class _FastPath:
             wq = attn.q_proj.weight.view(nh, d, -1)  # (h, d, C)
             g = (kh @ wq).reshape(b, nh * t, -1)  # (B, h*T, C): k folded through W_q
             gb = (kh * attn.q_proj.bias.view(1, nh, 1, d)).sum(-1).view(b, nh * t, 1)
-            scores = (self._scores_vs_image(g, keys, pre) + gb.to(self.dtype)).view(b, nh, t, -1)
+            scores = (self._scores_vs_image(g, kpe) + gb.to(self.dtype)).view(b, nh, t, -1)
         a = torch.softmax(scores * scale, dim=2).reshape(b, nh * t, -1)  # (B, h*T, HW)
         wo = attn.out_proj.weight.view(-1, nh, d).permute(1, 2, 0)  # (h, d, C)
         vw = (vh @ wo).reshape(b, nh * t, -1).to(self.dtype)  # (B, h*T, C): V through W_out
@@ -217,7 +221,7 @@ class _FastPath:
 
         return {
             "hw": hw,
-            "pt": p.t().contiguous().to(self.dtype),  # (C, HW)
+            "p": p.to(self.dtype),  # (HW, C)
             "t2i": (
                 proj_heads(t2i.k_proj, ep, t2i.num_heads).transpose(1, 2).contiguous(),
                 proj_heads(t2i.v_proj, e, t2i.num_heads),
@@ -234,6 +238,7 @@ class _FastPath:
         """
         queries, qpe = tokens, tokens
         keys = keys0
+        kpe = None if keys0 is None else keys0 + pre["p"]  # image tokens + PE
         for i, ly in enumerate(self.layers):
             if ly.skip_first_layer_pe:
                 queries = ly.self_attn(q=queries, k=queries, v=queries)
@@ -241,13 +246,20 @@ class _FastPath:
                 q = queries + qpe
                 queries = queries + ly.self_attn(q=q, k=q, v=queries)
             queries = ly.norm1(queries)
-            out = self.token_to_image(ly.cross_attn_token_to_image, queries + qpe, keys, pre)
+            out = self.token_to_image(ly.cross_attn_token_to_image, queries + qpe, keys, kpe, pre)
             queries = ly.norm2(queries + out)
             queries = ly.norm3(queries + ly.mlp(queries))
             keys = self.image_to_token(
-                ly.cross_attn_image_to_token, queries + qpe, queries, keys, pre, self.norm4[i]
+                ly.cross_attn_image_to_token,
+                queries + qpe,
+                queries,
+                keys,
+                kpe,
+                pre,
+                self.norm4[i],
             )
-        out = self.token_to_image(self.final_attn, queries + qpe, keys, pre)
+            kpe = keys + pre["p"]  # used twice by the next layer (or once by the last)
+        out = self.token_to_image(self.final_attn, queries + qpe, keys, kpe, pre)
         return self.norm_final(queries + out), keys
 
     def upscale(self, keys: Tensor, hyper: Tensor, hw) -> Tensor:

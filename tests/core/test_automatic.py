@@ -7,7 +7,6 @@ on synthetic scenes) needs the project's trained default model and is skipped un
 
 import numpy as np
 import pytest
-from ._automatic_models import nsam_predictor, project_predictor, tiny_official_sam
 
 from napari_sam._point_decoder import PointDecoder
 from napari_sam._sample_data import _blobs
@@ -19,6 +18,8 @@ from napari_sam.automatic import (
     segment_volume,
 )
 from napari_sam.stitching import StitchParams
+
+from ._automatic_models import nsam_predictor, project_predictor, tiny_official_sam
 
 # accept every candidate: random weights give meaningless scores
 PERMISSIVE = {

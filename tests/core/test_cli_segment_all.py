@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import tifffile
-from ._automatic_models import project_predictor
 
 from napari_sam import cli
 from napari_sam._cli_segment_all import run
 from napari_sam._sample_data import _blobs
+
+from ._automatic_models import project_predictor
 
 PERMISSIVE = [
     "--pred-iou-thresh=-1e9",

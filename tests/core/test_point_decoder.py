@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from ._automatic_models import tiny_official_sam
 
 from napari_sam._point_decoder import PointDecoder, resolve_dtype
+
+from ._automatic_models import tiny_official_sam
 
 
 def _reference(sam, emb, pts):

@@ -10,9 +10,10 @@ import pytest
 pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
-from _automatic_models import project_predictor  # noqa: E402
-
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+from core._automatic_models import project_predictor  # noqa: E402
 from napari_sam._qt.automatic_widget import LAYER_NAME, AutomaticWidget  # noqa: E402
 from napari_sam._sample_data import _blobs  # noqa: E402
 
