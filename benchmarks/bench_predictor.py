@@ -105,14 +105,24 @@ def image(size: int) -> np.ndarray:
 
 
 def stats(ts):
-    ms = [t * 1e3 for t in ts]
-    return statistics.median(ms), min(ms), max(ms)
+    """(median, min, max) wall ms and median CPU ms (None unless torch runs 1 thread)."""
+    wall = [t[0] * 1e3 for t in ts]
+    cpu = [t[1] * 1e3 for t in ts if t[1] is not None]
+    med_cpu = statistics.median(cpu) if cpu else None
+    return statistics.median(wall), min(wall), max(wall), med_cpu
 
 
 def timed(fn):
-    t = time.perf_counter()
+    """((wall s, CPU s of this thread or None), result).
+
+    With one torch thread all compute runs on the calling thread, so its CPU time is the
+    work done, unaffected by other processes competing for the cores.
+    """
+    one = torch.get_num_threads() == 1
+    c, t = time.thread_time(), time.perf_counter()
     out = fn()
-    return time.perf_counter() - t, out
+    wall, cpu = time.perf_counter() - t, time.thread_time() - c
+    return (wall, cpu if one else None), out
 
 
 def bench_model(name, args, rows, notes):
@@ -177,6 +187,40 @@ def bench_model(name, args, rows, notes):
         rows.append((name, "ours", f"click: {pname}", *stats(t_ours)))
 
 
+def bench_masks(args, rows) -> None:
+    """Low-res logits -> bool masks at the slice size for smooth (trained-like) logits.
+
+    Random-weight decoders give rough logits, the worst case for our outline-only
+    threshold; this times the step alone on three nested discs (like SAM's multimask
+    output): ours (one interpolation, outline-only threshold) vs the official
+    ``postprocess_masks`` + threshold.
+    """
+    from napari_sam._masks import upsample_binary
+
+    sa = import_official()
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    low = torch.stack([8 - ((yy - 100) ** 2 + (xx - 120) ** 2).sqrt() / r for r in (3, 5, 8)])[
+        None
+    ]
+    post = sa.modeling.Sam.postprocess_masks
+
+    class _S:  # postprocess_masks only reads image_encoder.img_size
+        image_encoder = type("E", (), {"img_size": 1024})()
+
+    for h, w in ((1024, 1024), (2048, 2048), (4000, 3000)):
+        scale = 1024 / max(h, w)
+        inp = (int(h * scale + 0.5), int(w * scale + 0.5))
+        t_o, t_r = [], []
+        with torch.inference_mode():
+            for _ in range(max(3, args.clicks // 3)):
+                t_o.append(
+                    timed(lambda h=h, w=w, inp=inp: upsample_binary(low, inp, (h, w), 1024))[0]
+                )
+                t_r.append(timed(lambda h=h, w=w, inp=inp: post(_S, low, inp, (h, w)) > 0)[0])
+        rows.append(("-", "official", f"masks only {h}x{w}", *stats(t_r)))
+        rows.append(("-", "ours", f"masks only {h}x{w}", *stats(t_o)))
+
+
 def memory_child(name: str, who: str, size: int) -> None:
     """In a fresh process: peak RSS above the loaded-model baseline for set_image + clicks."""
     m_ours, m_ref, _ = build_models(name)
@@ -198,13 +242,14 @@ def memory_child(name: str, who: str, size: int) -> None:
     print(f"MEM {enc.mib:.1f} {clicks.mib:.1f}")
 
 
-def memory_rows(models, whos, size) -> list[tuple]:
+def memory_rows(models, whos, size, threads) -> list[tuple]:
     import subprocess
 
     out = []
     for name in models:
         for who in whos:
             cmd = [sys.executable, __file__, "--memory-child", name, who, "--size", str(size)]
+            cmd += ["--threads", str(threads)] if threads else []
             res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("MEM ")]
             if res.returncode or not line:
@@ -215,10 +260,11 @@ def memory_rows(models, whos, size) -> list[tuple]:
 
 
 def table(rows) -> str:
-    head = "| model | predictor | step | median ms | min ms | max ms |"
-    lines = [head, "|---|---|---|---:|---:|---:|"]
-    for name, who, step, med, lo, hi in rows:
-        lines.append(f"| {name} | {who} | {step} | {med:.1f} | {lo:.1f} | {hi:.1f} |")
+    head = "| model | predictor | step | median ms | min ms | max ms | median CPU ms |"
+    lines = [head, "|---|---|---|---:|---:|---:|---:|"]
+    for name, who, step, med, lo, hi, cpu in rows:
+        c = "" if cpu is None else f"{cpu:.1f}"
+        lines.append(f"| {name} | {who} | {step} | {med:.1f} | {lo:.1f} | {hi:.1f} | {c} |")
     return "\n".join(lines)
 
 
@@ -234,11 +280,14 @@ def mem_table(mrows) -> str:
 
 def ratios(rows) -> list[str]:
     out = []
-    med = {(r[0], r[1], r[2]): r[3] for r in rows}
-    for (name, who, step), v in med.items():
+    med = {(r[0], r[1], r[2]): (r[3], r[6]) for r in rows}
+    for (name, who, step), (v, c) in med.items():
         if who.startswith("ours") and (name, "official", step) in med:
-            r = v / med[(name, "official", step)]
-            out.append(f"{name} {step}: {who} / official = {r:.2f}")
+            rv, rc = med[(name, "official", step)]
+            line = f"{name} {step}: {who} / official = {v / rv:.2f} (wall)"
+            if c is not None and rc:
+                line += f", {c / rc:.2f} (CPU)"
+            out.append(line)
     return out
 
 
@@ -281,8 +330,11 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true", help="also time a bfloat16-autocast encoder")
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--no-memory", action="store_true", help="skip the RSS subprocesses")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--memory-child", nargs=2, metavar=("MODEL", "WHO"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child, args.size)
         return 0
@@ -292,9 +344,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for name in args.models:
         bench_model(name, args, rows, notes)
+    bench_masks(args, rows)
     whos = ["official", "ours"] + (["ours bf16-enc"] if args.bf16 else [])
     done = sorted({r[0] for r in rows}, key=args.models.index)
-    mrows = [] if args.no_memory else memory_rows(done, whos, args.size)
+    mrows = [] if args.no_memory else memory_rows(done, whos, args.size, args.threads)
     wall = time.perf_counter() - t0
     load1 = os.getloadavg()
     cmd = "PYTHONPATH=src:tests python benchmarks/bench_predictor.py " + " ".join(
@@ -308,6 +361,10 @@ def main(argv=None) -> int:
             f"Load average at start / end: {load0[0]:.2f} / {load1[0]:.2f}; "
             f"benchmark wall time {wall:.0f} s.",
             f"Command: `{cmd.strip()}`",
+            "",
+            "Wall times include waiting for the CPU when other processes compete for it; "
+            "with `--threads 1` the CPU column (this thread's CPU time, all of torch's work) "
+            "is the load-independent cost.",
             "",
             table(rows),
             "",

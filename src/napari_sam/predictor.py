@@ -13,25 +13,26 @@ call; masks come back at the slice's resolution. napari's (row, col) is converte
 :mod:`napari_sam.prompts` only.
 
 Speed: the decoder runs through :mod:`napari_sam._fast_decoder` (same numbers, fewer
-operations for a few prompt tokens) and the masks are interpolated once, straight from the
-valid part of the low-resolution logits to the slice size (the reference upsamples to
-1024 x 1024, crops the padding and resizes again). See docs/performance.md.
+operations for a few prompt tokens); masks are interpolated once, straight from the valid
+part of the low-resolution logits to the slice size (the reference upsamples to
+1024 x 1024, crops the padding and resizes again), and thresholded masks interpolate only
+along the mask outlines (:mod:`napari_sam._masks`). See docs/performance.md.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import _fast_decoder
+from ._masks import upsample_binary, upsample_logits
 from .preprocess import Contrast, ResizeLongestSide, check_slice, resize_to_input, to_uint8_rgb
 from .prompts import check_boxes, check_points
 
@@ -65,7 +66,8 @@ class EmbeddingCache:
     """Least-recently-used map ``signature -> Embedding`` bounded by total bytes.
 
     An embedding larger than the whole budget is not stored. ``max_bytes = 0`` disables
-    caching. ``hits``/``misses``/``evictions`` count lookups and removals.
+    caching. ``hits``/``misses``/``evictions`` count lookups and removals. Thread-safe (a
+    worker may fill it while the UI thread reads it).
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
@@ -73,6 +75,7 @@ class EmbeddingCache:
             raise ValueError(f"cache_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict[str, Embedding] = OrderedDict()
+        self._lock = threading.Lock()
         self.nbytes = 0
         self.hits = self.misses = self.evictions = 0
 
@@ -84,33 +87,39 @@ class EmbeddingCache:
 
     def keys(self) -> list[str]:
         """Signatures from least to most recently used."""
-        return list(self._items)
+        with self._lock:
+            return list(self._items)
 
     def get(self, signature: str) -> Embedding | None:
-        emb = self._items.get(signature)
-        if emb is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(signature)
-        self.hits += 1
-        return emb
+        """The cached embedding (now most recently used), or None."""
+        with self._lock:
+            emb = self._items.get(signature)
+            if emb is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(signature)
+            self.hits += 1
+            return emb
 
     def put(self, emb: Embedding) -> None:
+        """Store ``emb`` under ``emb.signature``, evicting least recently used entries."""
         sig = emb.signature
         if not sig or emb.nbytes > self.max_bytes:
             return
-        if sig in self._items:
-            self.nbytes -= self._items.pop(sig).nbytes
-        self._items[sig] = emb
-        self.nbytes += emb.nbytes
-        while self.nbytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.nbytes -= old.nbytes
-            self.evictions += 1
+        with self._lock:
+            if sig in self._items:
+                self.nbytes -= self._items.pop(sig).nbytes
+            self._items[sig] = emb
+            self.nbytes += emb.nbytes
+            while self.nbytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= old.nbytes
+                self.evictions += 1
 
     def clear(self) -> None:
-        self._items.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
 
 
 def content_hash(image: np.ndarray) -> str:
@@ -126,52 +135,6 @@ def _weights_token(model: nn.Module) -> str:
     """Changes whenever a parameter or buffer is replaced or modified in place."""
     state = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
     return f"{hash(state) & 0xFFFFFFFFFFFF:012x}"
-
-
-def upsample_masks(
-    low_res: torch.Tensor,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    img_size: int,
-) -> torch.Tensor:
-    """Low-res logits -> logits at the slice's resolution, in one bilinear interpolation.
-
-    The low-res grid (lh, lw) covers the padded S x S encoder input (S = ``img_size``), whose
-    top-left (h', w') holds the resized slice. With half-pixel centres, slice row i sits at
-    input row ``y = (i + 0.5) * h' / H - 0.5`` and that at low-res row
-    ``u = (y + 0.5) * lh / S - 0.5 = (i + 0.5) / s - 0.5`` with ``s = H * S / (h' * lh)``:
-    one bilinear interpolation with scale factor s of the low-res rows that reach the valid
-    region. The reference (segment-anything's ``postprocess_masks``) resamples twice,
-    (lh, lw) -> (S, S) -> crop (h', w') -> (H, W); its intermediate grid rounds the
-    piecewise-linear interpolant near the low-res sample points, so logits differ slightly
-    and thresholded masks in a few boundary pixels (measured in tests/core/test_predictor.py).
-
-    Args:
-        low_res: (B, M, lh, lw) logits.
-        input_size: (h', w') of the resized slice.
-        original_size: (H, W) of the slice.
-        img_size: S, the encoder's square input side.
-
-    Returns:
-        (B, M, H, W) logits.
-    """
-    (ih, iw), (oh, ow) = input_size, original_size
-    lh, lw = low_res.shape[-2:]
-    sy, sx = oh * img_size / (ih * lh), ow * img_size / (iw * lw)  # output px per low-res px
-    # Low-res rows/cols that the valid region reaches, plus the interpolation neighbour.
-    nh = min(lh, math.ceil(ih * lh / img_size) + 1)
-    nw = min(lw, math.ceil(iw * lw / img_size) + 1)
-    # One replicated row/col beyond, so that floor((n + 1) * s) >= H despite rounding; the
-    # values are unchanged because interpolation clamps at the last row anyway.
-    x = F.pad(low_res[..., :nh, :nw], (0, 1, 0, 1), mode="replicate")
-    out = F.interpolate(
-        x,
-        scale_factor=(sy, sx),
-        mode="bilinear",
-        align_corners=False,
-        recompute_scale_factor=False,
-    )
-    return out[..., :oh, :ow]
 
 
 class SamPredictor:
@@ -190,6 +153,9 @@ class SamPredictor:
             autocast (faster on CPUs with AVX-512 BF16 / AMX and on GPUs; masks can differ
             slightly, see docs/performance.md).
         fast_decoder: use the re-associated decoder (same results up to float rounding).
+
+    A predictor holds the current slice and scratch buffers: use one per thread (several
+    predictors may share a model and an :class:`EmbeddingCache` via ``predictor.cache``).
 
     Attributes:
         encoder_runs: how many times the image encoder ran (cache misses).
@@ -231,6 +197,7 @@ class SamPredictor:
         self.encoder_runs = 0
         self._embedding: Embedding | None = None
         self._prepared: _fast_decoder.Prepared | None = None
+        self._workspace = _fast_decoder.Workspace()
 
     # ----------------------------------------------------------------- image state
     @property
@@ -360,7 +327,9 @@ class SamPredictor:
             pe = self.model.prompt_encoder
             image_pe = pe.get_dense_pe().to(self.device)
             _, no_mask = pe(points=None, boxes=None, masks=None)
-            self._prepared = _fast_decoder.prepare(self._embedding.features, image_pe, no_mask)
+            self._prepared = _fast_decoder.prepare(
+                self._embedding.features, image_pe, no_mask, self.model.mask_decoder
+            )
         return self._prepared
 
     # ------------------------------------------------------------------ prediction
@@ -532,8 +501,11 @@ class SamPredictor:
             dense if mask_input is not None or getattr(pe, "renders_prompts", False) else None,
             multimask_output,
             fast=self.fast_decoder,
+            ws=self._workspace,
         )
-        masks = upsample_masks(low_res, self.input_size, size, self.transform.target_length)
-        if not return_logits:
-            masks = masks > getattr(self.model, "mask_threshold", 0.0)
+        geometry = (self.input_size, size, self.transform.target_length)
+        if return_logits:
+            masks = upsample_logits(low_res, *geometry)
+        else:
+            masks = upsample_binary(low_res, *geometry, getattr(self.model, "mask_threshold", 0.0))
         return masks, iou, low_res
