@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,14 +121,23 @@ def main():
     ap.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128))
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--save", type=Path, help="pickle the trajectories here")
+    ap.add_argument("--load", type=Path, help="evaluate pickled trajectories (no model run)")
     args = ap.parse_args()
 
     from bench_volume import make_predictors
 
     from napari_sam.propagate import StopCriteria
 
-    enc, dec, label = make_predictors(args.model)
-    trajs = collect(enc, dec, args.volumes, args.shape)
+    if args.load:
+        with open(args.load, "rb") as fh:
+            label, trajs = pickle.load(fh)
+    else:
+        enc, dec, label = make_predictors(args.model)
+        trajs = collect(enc, dec, args.volumes, args.shape)
+    if args.save:
+        with open(args.save, "wb") as fh:
+            pickle.dump((label, trajs), fh)
     n_vol = args.volumes + 2
     design = [t for t in trajs if t.volume % 2 == 0]
     valid = [t for t in trajs if t.volume % 2 == 1]

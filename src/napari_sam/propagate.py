@@ -15,17 +15,26 @@ embedding. The next slice's embedding is computed in a background thread while t
 current one is decoded (``prefetch=True``), so with cold embeddings propagation costs
 about one encoder run per slice.
 
-A front stops (see :class:`StopCriteria`; reason in :class:`StopReason`) when
+A front stops (see :class:`StopCriteria`; reason in :class:`StopReason`; each step carries
+its :class:`StepMetrics`) when
 
 - ``EMPTY``: the mask has fewer than ``min_area`` pixels;
-- ``LOW_SCORE``: the predicted IoU is below ``min_score`` (off by default: predicted IoU
-  drops on the small, blurred cross-sections near an object's ends, and stopping on it
-  lost most of the 3D Dice in an earlier experiment);
+- ``LOW_SCORE``: the predicted IoU is below ``min_score`` (off by default: SAM keeps
+  following the mask prompt past the object's end with hardly lower predicted IoU, and a
+  fixed threshold stops early inside the object, the pitfall noted in issue 4);
 - ``LOW_OVERLAP``: the IoU with the previous slice's mask is below ``min_iou_prev``;
 - ``AREA_GROWTH`` / ``AREA_SHRINK``: the area changes by more than a factor from the
   previous slice (growth is the usual sign of leaking into a neighbour or background);
+- ``LOW_CONTRAST``: the image no longer shows the object: the mean image embedding inside
+  the mask minus the mean in a ring around it, projected on the same vector measured on
+  the anchor, falls below ``min_feature_contrast`` (a fraction of the anchor's contrast);
+- ``LOW_INTENSITY`` (off by default): the same with the slice's mean intensities;
 - ``RANGE``: the next slice is outside ``z_range`` or the stack;
 - ``ANCHOR``: the next slice is another anchor of the same object (never overwritten).
+
+The defaults come from ``benchmarks/bench_stop_rules.py`` (volumes with known extent;
+results in docs/volumes.md): image-evidence rules end fronts near the true object end,
+where the geometric rules let masks run on past it.
 
 A slice that triggers a stop is not kept. Between two anchors both fronts fill the gap
 and each slice keeps the result with the higher predicted IoU. Per-volume state lives in
@@ -114,9 +123,10 @@ class StopCriteria:
         the image no longer shows the object there. Model-agnostic (uses the encoder's
         features), costs the anchor slice's embedding once per front.
     min_intensity_contrast: the same with the slice's mean intensity inside the mask minus
-        a 3-pixel ring around it, relative to the anchor's (LOW_INTENSITY). Off by default:
-        only meaningful when objects differ from their surroundings in brightness (e.g.
-        fluorescent nuclei), not for texture- or outline-defined objects.
+        a 3-pixel ring around it, relative to the anchor's (LOW_INTENSITY). Only objects
+        that stand out in brightness on their anchor (difference of means at least half
+        their pooled standard deviation) are judged by it; for the others it is not
+        measured (nan) and never fires.
 
     Defaults were chosen with ``benchmarks/bench_stop_rules.py`` on volumes with known
     extent (see docs/volumes.md).
@@ -702,8 +712,10 @@ def _prepare_references(ctx: _SweepContext, batch: list[_Front]) -> None:
             ok = inside[0] >= 0.5 and vec[0].norm() > 1e-6
             f.ref_feature = vec[0] if ok else False
         if ctx.criteria.needs_intensity and f.ref_intensity is None:
-            ref = _intensity_contrast(ctx.store.read_slice(f.anchor_z), f.prev_mask)
-            f.ref_intensity = ref if abs(ref) > 1e-12 else float("nan")
+            ref, spread = _intensity_contrast(ctx.store.read_slice(f.anchor_z), f.prev_mask)
+            # Objects that do not stand out in brightness on their anchor (effect size below
+            # 0.5) are not judged by intensity at all.
+            f.ref_intensity = ref if abs(ref) >= 0.5 * spread and ref != 0 else float("nan")
 
 
 def _contrast_vectors(emb, logits: list, model, ring: int = 5):
@@ -749,8 +761,9 @@ def _feature_contrasts(ctx: _SweepContext, emb, batch: list[_Front], logits: lis
     return out
 
 
-def _intensity_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 3) -> float:
-    """Mean intensity inside ``mask`` minus in a ``ring``-pixel band around it."""
+def _intensity_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 3):
+    """(mean intensity inside ``mask`` minus in a ``ring``-pixel band around it, pooled
+    standard deviation of the two); nan when either region is empty."""
     from scipy.ndimage import binary_dilation
 
     img = np.asarray(image, dtype=np.float64)
@@ -758,14 +771,16 @@ def _intensity_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 3) -> f
         img = img[..., :3].mean(axis=-1)
     band = binary_dilation(mask, iterations=ring) & ~mask
     if not mask.any() or not band.any():
-        return float("nan")
-    return float(np.nanmean(img[mask]) - np.nanmean(img[band]))
+        return float("nan"), float("nan")
+    inside, around = img[mask], img[band]
+    spread = np.sqrt((np.nanvar(inside) + np.nanvar(around)) / 2)
+    return float(np.nanmean(inside) - np.nanmean(around)), float(spread)
 
 
 def _relative_intensity(image, mask: np.ndarray, ref: float | None) -> float:
     if image is None or ref is None or not np.isfinite(ref):
         return float("nan")
-    return _intensity_contrast(image, mask) / ref
+    return _intensity_contrast(image, mask)[0] / ref
 
 
 def _decode(predictor, emb, fronts: list[_Front], prompts: PromptOptions):
