@@ -178,8 +178,9 @@ class StopCriteria:
 class PromptOptions:
     """Prompts derived from the previous slice.
 
-    box_margin: the box grows by this fraction of its side on each side, plus
-    ``box_margin_px`` pixels. mask_prompt: feed the previous low-res logits as mask_input.
+    box: prompt with the previous mask's bounding box, grown by ``box_margin`` (fraction of
+    its side, on each side) plus ``box_margin_px`` pixels. mask_prompt: feed the previous
+    low-res logits as mask_input.
     n_positive: positive points at the most interior pixels of the previous mask.
     negatives_from_others: negative points at the interior of other objects' previous
     masks that fall inside this object's box (makes batched objects depend on each other).
@@ -190,6 +191,7 @@ class PromptOptions:
     weakens the pull of the previous slice's mask against the image evidence).
     """
 
+    box: bool = True
     box_margin: float = 0.1
     box_margin_px: float = 2.0
     mask_prompt: bool = True
@@ -198,6 +200,12 @@ class PromptOptions:
     multimask: bool = False
     anchor_logit_scale: float = 8.0
     mask_prompt_scale: float = 1.0
+
+    def __post_init__(self):
+        if not (self.box or self.mask_prompt or self.n_positive > 0):
+            raise ValueError(
+                "PromptOptions gives SAM no prompt: enable box, mask_prompt or n_positive > 0"
+            )
 
 
 @dataclass
@@ -815,10 +823,12 @@ def _decode(predictor, emb, fronts: list[_Front], prompts: PromptOptions):
     n_pts = max(len(p) for p in points)
 
     with torch.inference_mode():
-        boxes_t = torch.as_tensor(
-            predictor.transform.apply_boxes(boxes, original_size), dtype=torch.float32,
-            device=device,
-        )  # fmt: skip
+        boxes_t = None
+        if prompts.box:
+            boxes_t = torch.as_tensor(
+                predictor.transform.apply_boxes(boxes, original_size), dtype=torch.float32,
+                device=device,
+            )  # fmt: skip
         coords_t = labels_t = None
         if n_pts:
             coords = np.zeros((len(fronts), n_pts, 2))
