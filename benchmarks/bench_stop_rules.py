@@ -11,16 +11,18 @@ at the first slice where it fires. Objects come from ``napari_sam.train.syntheti
 trained on 2D make_image only) plus the test suite's ellipsoid/tube; the anchor is the middle slice of each
 object's true z range, annotated with its true mask.
 
-Printed: mean 3D Dice per rule, the rules' mean absolute error of the first/last slice,
-and two references: "oracle range" (the same masks kept exactly over the true z range)
-and "no stop" (until empty/stack end). The issue's pitfall (stop on predicted IoU < 0.5)
-is one of the rows.
+Rules are ranked on a design set (objects of the even-numbered stacks) and reported on
+the design and a validation set (odd-numbered stacks): mean 3D Dice and the mean error of
+the first/last slice, with references: "oracle" (the same masks kept exactly over the
+true z range), "no stop" (until an empty mask or the stack end), the issue's pitfall
+(stop on predicted IoU < 0.5), the geometry-only rules, and the default.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,8 @@ class Trajectory:
     gt: np.ndarray  # (Z, H, W) bool, the object's true voxels
     anchor_z: int
     anchor: np.ndarray
-    fronts: dict  # direction -> [(z, mask, score)]
+    fronts: dict  # direction -> [(z, mask, StepMetrics)]
+    volume: int  # index of the volume it came from (design/validation split)
 
 
 def volumes(n: int, shape):
@@ -57,12 +60,15 @@ def volumes(n: int, shape):
 
 
 def collect(enc, dec, n_volumes: int, shape, min_voxels: int = 200, prompts=None):
+    """Walk every object's fronts until an empty mask, measuring every stop metric."""
     from napari_sam.embeddings import EmbeddingStore
     from napari_sam.propagate import PropagationState, StopCriteria, propagate
 
-    walk = StopCriteria(min_area=1, min_score=None, min_iou_prev=None, max_area_growth=None)
+    never = -float("inf")  # measured, never fires
+    walk = StopCriteria(min_area=1, min_score=None, min_iou_prev=None, max_area_growth=None,
+                        min_feature_contrast=never, min_intensity_contrast=never)  # fmt: skip
     out = []
-    for name, img, lab in volumes(n_volumes, shape):
+    for v, (name, img, lab) in enumerate(volumes(n_volumes, shape)):
         ids = [i for i in np.unique(lab) if i and (lab == i).sum() >= min_voxels]
         state = PropagationState(img.shape[0], img.shape[1:])
         gts = {}
@@ -75,36 +81,29 @@ def collect(enc, dec, n_volumes: int, shape, min_voxels: int = 200, prompts=None
             state.add_anchor(int(i), mid, gt[mid])
             gts[int(i)] = (gt, mid)
         fronts = {i: {1: [], -1: []} for i in gts}
-        for step in propagate(
-            EmbeddingStore(img, enc), dec, state, criteria=walk, prompts=prompts
-        ):
-            if step.mask is not None:
-                fronts[step.obj_id][step.direction].append((step.z, step.mask, step.score))
+        store = EmbeddingStore(img, enc)
+        for step in propagate(store, dec, state, criteria=walk, prompts=prompts):
+            if step.mask is not None and step.accepted:
+                fronts[step.obj_id][step.direction].append((step.z, step.mask, step.metrics))
         for i, (gt, mid) in gts.items():
-            out.append(Trajectory(gt, mid, gt[mid], fronts[i]))
+            out.append(Trajectory(gt, mid, gt[mid], fronts[i], v))
         print(f"{name}: {len(gts)} objects", file=sys.stderr, flush=True)
     return out
 
 
 def run_rule(rule, t: Trajectory, true_range: bool = False):
-    """Segmentation volume (bool) of trajectory ``t`` truncated by ``rule``."""
+    """Segmentation volume (bool) of trajectory ``t`` truncated where ``rule`` fires."""
     seg = np.zeros_like(t.gt)
     seg[t.anchor_z] = t.anchor
     zs = np.flatnonzero(t.gt.any(axis=(1, 2)))
     for steps in t.fronts.values():
-        prev = t.anchor
-        for z, mask, score in steps:
+        for z, mask, metrics in steps:
             if true_range:
                 if not zs[0] <= z <= zs[-1]:
                     break
-            elif rule is not None:
-                area, prev_area = int(mask.sum()), int(prev.sum())
-                union = (mask | prev).sum()
-                iou_prev = (mask & prev).sum() / union if union else 1.0
-                if rule.check(area, score, iou_prev, prev_area) is not None:
-                    break
+            elif rule is not None and rule.check(metrics) is not None:
+                break
             seg[z] = mask
-            prev = mask
     return seg
 
 
@@ -122,52 +121,75 @@ def main():
     ap.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128))
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--save", type=Path, help="pickle the trajectories here")
+    ap.add_argument("--load", type=Path, help="evaluate pickled trajectories (no model run)")
     args = ap.parse_args()
 
     from bench_volume import make_predictors
 
     from napari_sam.propagate import StopCriteria
 
-    enc, dec, label = make_predictors(args.model)
-    trajs = collect(enc, dec, args.volumes, args.shape)
+    if args.load:
+        with open(args.load, "rb") as fh:
+            label, trajs = pickle.load(fh)
+    else:
+        enc, dec, label = make_predictors(args.model)
+        trajs = collect(enc, dec, args.volumes, args.shape)
+    if args.save:
+        with open(args.save, "wb") as fh:
+            pickle.dump((label, trajs), fh)
+    n_vol = args.volumes + 2
+    design = [t for t in trajs if t.volume % 2 == 0]
+    valid = [t for t in trajs if t.volume % 2 == 1]
 
-    def evaluate(rule, **kw):
-        s = np.array([score(run_rule(rule, t, **kw), t.gt) for t in trajs])
-        return s[:, 0].mean(), np.median(s[:, 0]), s[:, 1].mean()
+    def evaluate(rule, subset, **kw):
+        s = np.array([score(run_rule(rule, t, **kw), t.gt) for t in subset])
+        return float(s[:, 0].mean()), float(s[:, 1].mean())
 
-    rows = []
     grid = itertools.product(
-        (None, 0.3, 0.5, 0.7),  # min_score
-        (None, 0.1, 0.2, 0.3, 0.5),  # min_iou_prev
-        (None, 1.5, 2.0, 2.5, 4.0),  # max_area_growth
-        (None, 4.0),  # max_area_shrink
-        (1, 10),  # min_area
+        (None, 0.3, 0.5),  # min_score
+        (None, 0.3, 0.5, 0.7, 0.8),  # min_iou_prev
+        (None, 2.5),  # max_area_growth
+        (None, 0.2, 0.3, 0.4, 0.5),  # min_feature_contrast
+        (None, 0.3, 0.4, 0.5),  # min_intensity_contrast
     )
-    for ms, mi, mg, mk, ma in grid:
-        rule = StopCriteria(min_area=ma, min_score=ms, min_iou_prev=mi, max_area_growth=mg,
-                            max_area_shrink=mk)  # fmt: skip
-        rows.append((rule, *evaluate(rule)))
-    rows.sort(key=lambda r: -r[1])
+    rows = []
+    for ms, mi, mg, fc, ic in grid:
+        rule = StopCriteria(min_area=1, min_score=ms, min_iou_prev=mi, max_area_growth=mg,
+                            min_feature_contrast=fc, min_intensity_contrast=ic)  # fmt: skip
+        rows.append((rule, evaluate(rule, design)))
+    rows.sort(key=lambda r: -r[1][0])
+    no_intensity = [r for r in rows if r[0].min_intensity_contrast is None]
     default = StopCriteria()
-    pitfall = StopCriteria(min_area=1, min_score=0.5, min_iou_prev=None, max_area_growth=None)
+    pitfall = StopCriteria(min_area=1, min_score=0.5, min_iou_prev=None, max_area_growth=None,
+                           min_feature_contrast=None)  # fmt: skip
+    old = StopCriteria(min_iou_prev=0.2, max_area_growth=2.5, min_feature_contrast=None)
     ref = [
-        ("oracle: masks over the true z range", *evaluate(None, true_range=True)),
-        ("no stop (until empty mask / stack end)", *evaluate(None)),
-        ("pitfall: predicted IoU < 0.5 only", *evaluate(pitfall)),
-        (f"default {_fmt(default)}", *evaluate(default)),
+        ("oracle: masks over the true z range", None, {"true_range": True}),
+        ("no stop (until empty mask / stack end)", None, {}),
+        ("pitfall: predicted IoU < 0.5 only", pitfall, {}),
+        (f"geometry only: {_fmt(old)}", old, {}),
+        (f"**default**: {_fmt(default)}", default, {}),
     ]
 
-    def line(name, mean, med, err):
-        return f"| {name} | {mean:.3f} | {med:.3f} | {err:.2f} |"
+    def line(name, rule, **kw):
+        d, e = evaluate(rule, design, **kw)
+        v, ve = evaluate(rule, valid, **kw)
+        return f"| {name} | {d:.3f} | {e:.1f} | {v:.3f} | {ve:.1f} |"
 
     lines = [
-        f"Stop rules, model: {label}; {len(trajs)} objects in {args.volumes} make_volume "
-        f"stacks {tuple(args.shape)} + 2 test volumes; anchor = true mask on the middle slice.",
+        f"Stop rules, model: {label}; {len(trajs)} objects from {n_vol} stacks "
+        f"{tuple(args.shape)} (make_volume seeds 2,000,000+ and the tests' ellipsoid/tube); "
+        f"design set: {len(design)} objects of the even-numbered stacks, validation: "
+        f"{len(valid)} of the odd ones. Anchor: true mask on the middle slice of each object.",
         "",
-        "| rule | mean 3D Dice | median | mean z-end error (slices) |",
-        "|---|---|---|---|",
-        *[line(*r) for r in ref],
-        *[line(_fmt(r[0]), *r[1:]) for r in rows[: args.top]],
+        "| rule | 3D Dice (design) | z-end error | 3D Dice (validation) | z-end error |",
+        "|---|---|---|---|---|",
+        *[line(name, rule, **kw) for name, rule, kw in ref],
+        "| *best rules on the design set:* | | | | |",
+        *[line(_fmt(r[0]), r[0]) for r in rows[: args.top]],
+        "| *best without intensity contrast:* | | | | |",
+        *[line(_fmt(r[0]), r[0]) for r in no_intensity[: max(3, args.top // 3)]],
     ]
     table = "\n".join(lines)
     print(table)
@@ -177,14 +199,17 @@ def main():
 
 def _fmt(rule) -> str:
     parts = [f"area<{rule.min_area}"]
-    if rule.min_score is not None:
-        parts.append(f"score<{rule.min_score}")
-    if rule.min_iou_prev is not None:
-        parts.append(f"IoU_prev<{rule.min_iou_prev}")
-    if rule.max_area_growth is not None:
-        parts.append(f"growth>{rule.max_area_growth}")
-    if rule.max_area_shrink is not None:
-        parts.append(f"shrink>{rule.max_area_shrink}")
+    for attr, text in (
+        ("min_score", "score<{}"),
+        ("min_iou_prev", "IoU_prev<{}"),
+        ("max_area_growth", "growth>{}"),
+        ("max_area_shrink", "shrink>{}"),
+        ("min_feature_contrast", "feature contrast<{}"),
+        ("min_intensity_contrast", "intensity contrast<{}"),
+    ):
+        value = getattr(rule, attr)
+        if value is not None:
+            parts.append(text.format(value))
     return " or ".join(parts)
 
 

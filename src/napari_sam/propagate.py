@@ -15,17 +15,26 @@ embedding. The next slice's embedding is computed in a background thread while t
 current one is decoded (``prefetch=True``), so with cold embeddings propagation costs
 about one encoder run per slice.
 
-A front stops (see :class:`StopCriteria`; reason in :class:`StopReason`) when
+A front stops (see :class:`StopCriteria`; reason in :class:`StopReason`; each step carries
+its :class:`StepMetrics`) when
 
 - ``EMPTY``: the mask has fewer than ``min_area`` pixels;
-- ``LOW_SCORE``: the predicted IoU is below ``min_score`` (off by default: predicted IoU
-  drops on the small, blurred cross-sections near an object's ends, and stopping on it
-  lost most of the 3D Dice in an earlier experiment);
+- ``LOW_SCORE``: the predicted IoU is below ``min_score`` (off by default: SAM keeps
+  following the mask prompt past the object's end with hardly lower predicted IoU, and a
+  fixed threshold stops early inside the object, the pitfall noted in issue 4);
 - ``LOW_OVERLAP``: the IoU with the previous slice's mask is below ``min_iou_prev``;
 - ``AREA_GROWTH`` / ``AREA_SHRINK``: the area changes by more than a factor from the
   previous slice (growth is the usual sign of leaking into a neighbour or background);
+- ``LOW_CONTRAST``: the image no longer shows the object: the mean image embedding inside
+  the mask minus the mean in a ring around it, projected on the same vector measured on
+  the anchor, falls below ``min_feature_contrast`` (a fraction of the anchor's contrast);
+- ``LOW_INTENSITY`` (off by default): the same with the slice's mean intensities;
 - ``RANGE``: the next slice is outside ``z_range`` or the stack;
 - ``ANCHOR``: the next slice is another anchor of the same object (never overwritten).
+
+The defaults come from ``benchmarks/bench_stop_rules.py`` (volumes with known extent;
+results in docs/volumes.md): image-evidence rules end fronts near the true object end,
+where the geometric rules let masks run on past it.
 
 A slice that triggers a stop is not kept. Between two anchors both fronts fill the gap
 and each slice keeps the result with the higher predicted IoU. Per-volume state lives in
@@ -53,6 +62,7 @@ __all__ = [
     "PropagationState",
     "PropagationStep",
     "SliceResult",
+    "StepMetrics",
     "StopCriteria",
     "StopReason",
     "describe_stops",
@@ -72,48 +82,105 @@ class StopReason(str, Enum):
     LOW_OVERLAP = "IoU with previous slice below threshold"
     AREA_GROWTH = "area grew beyond factor"
     AREA_SHRINK = "area shrank beyond factor"
+    LOW_CONTRAST = "object no longer stands out from its surroundings (embedding contrast)"
+    LOW_INTENSITY = "intensity contrast with the surroundings below threshold"
     RANGE = "end of slice range"
     ANCHOR = "reached another anchor"
 
 
 @dataclass(frozen=True)
-class StopCriteria:
-    """When a front stops. ``None`` disables a criterion.
+class StepMetrics:
+    """What a step measured, for the stop rules and for display.
 
-    min_area: pixels; a mask with fewer is empty (EMPTY).
-    min_score: predicted IoU threshold (LOW_SCORE); off by default, see module notes.
-    min_iou_prev: IoU between this slice's and the previous slice's mask (LOW_OVERLAP).
-    max_area_growth: stop if area > factor * previous area (AREA_GROWTH).
-    max_area_shrink: stop if area < previous area / factor (AREA_SHRINK).
+    area, prev_area: pixels of this and of the previous slice's mask; iou_prev: their IoU;
+    score: SAM's predicted IoU; feature_contrast: how much of the anchor's object-vs-
+    surroundings contrast in the image embedding remains inside this mask (1: as on the
+    anchor, 0: none; nan when not measured); intensity_contrast: the same with mean
+    intensities of the slice (nan when not measured).
+    """
+
+    area: int
+    prev_area: int
+    iou_prev: float
+    score: float
+    feature_contrast: float = float("nan")
+    intensity_contrast: float = float("nan")
+
+
+@dataclass(frozen=True)
+class StopCriteria:
+    """When a front stops. ``None`` disables a criterion; the first that fires is reported.
+
+    min_area: pixels; a mask with fewer is empty (EMPTY). Values below 1 act as 1.
+    min_score: predicted IoU threshold (LOW_SCORE). Off by default: SAM's predicted IoU
+        hardly drops when the object ends (the model keeps following the mask prompt),
+        and a fixed threshold stops early inside the object (issue 4's pitfall).
+    min_iou_prev: IoU between this and the previous slice's mask (LOW_OVERLAP).
+    max_area_growth / max_area_shrink: area above factor * previous area / below previous
+        area / factor (AREA_GROWTH / AREA_SHRINK); growth is how leaks look.
+    min_feature_contrast: stop when the mask's contrast with its surroundings in the image
+        embedding, projected on the anchor's, falls below this fraction (LOW_CONTRAST):
+        the image no longer shows the object there. Model-agnostic (uses the encoder's
+        features), costs the anchor slice's embedding once per front.
+    min_intensity_contrast: the same with the slice's mean intensity inside the mask minus
+        a 3-pixel ring around it, relative to the anchor's (LOW_INTENSITY). Only objects
+        that stand out in brightness on their anchor (difference of means at least half
+        their pooled standard deviation) are judged by it; for the others it is not
+        measured (nan) and never fires.
+
+    Defaults were chosen with ``benchmarks/bench_stop_rules.py`` on volumes with known
+    extent (see docs/volumes.md).
     """
 
     min_area: int = 1
     min_score: float | None = None
-    min_iou_prev: float | None = 0.2
+    min_iou_prev: float | None = 0.5
     max_area_growth: float | None = 2.5
     max_area_shrink: float | None = None
+    min_feature_contrast: float | None = 0.4
+    min_intensity_contrast: float | None = None
 
-    def check(self, area: int, score: float, iou_prev: float, prev_area: int):
-        """The first criterion that fires, or None."""
-        if area < max(self.min_area, 1):
+    def check(self, m: StepMetrics) -> StopReason | None:
+        """The first criterion that fires for metrics ``m``, or None."""
+        if m.area < max(self.min_area, 1):
             return StopReason.EMPTY
-        if self.min_score is not None and not score >= self.min_score:
+        if self.min_score is not None and not m.score >= self.min_score:
             return StopReason.LOW_SCORE
-        if self.min_iou_prev is not None and iou_prev < self.min_iou_prev:
+        if self.min_iou_prev is not None and m.iou_prev < self.min_iou_prev:
             return StopReason.LOW_OVERLAP
-        if self.max_area_growth is not None and area > self.max_area_growth * prev_area:
+        if self.max_area_growth is not None and m.area > self.max_area_growth * m.prev_area:
             return StopReason.AREA_GROWTH
-        if self.max_area_shrink is not None and area * self.max_area_shrink < prev_area:
+        if self.max_area_shrink is not None and m.area * self.max_area_shrink < m.prev_area:
             return StopReason.AREA_SHRINK
+        # nan (not measurable for this object) never stops a front.
+        if (
+            self.min_feature_contrast is not None
+            and m.feature_contrast < self.min_feature_contrast
+        ):
+            return StopReason.LOW_CONTRAST
+        if (
+            self.min_intensity_contrast is not None
+            and m.intensity_contrast < self.min_intensity_contrast
+        ):
+            return StopReason.LOW_INTENSITY
         return None
+
+    @property
+    def needs_features(self) -> bool:
+        return self.min_feature_contrast is not None
+
+    @property
+    def needs_intensity(self) -> bool:
+        return self.min_intensity_contrast is not None
 
 
 @dataclass(frozen=True)
 class PromptOptions:
     """Prompts derived from the previous slice.
 
-    box_margin: the box grows by this fraction of its side on each side, plus
-    ``box_margin_px`` pixels. mask_prompt: feed the previous low-res logits as mask_input.
+    box: prompt with the previous mask's bounding box, grown by ``box_margin`` (fraction of
+    its side, on each side) plus ``box_margin_px`` pixels. mask_prompt: feed the previous
+    low-res logits as mask_input.
     n_positive: positive points at the most interior pixels of the previous mask.
     negatives_from_others: negative points at the interior of other objects' previous
     masks that fall inside this object's box (makes batched objects depend on each other).
@@ -124,6 +191,7 @@ class PromptOptions:
     weakens the pull of the previous slice's mask against the image evidence).
     """
 
+    box: bool = True
     box_margin: float = 0.1
     box_margin_px: float = 2.0
     mask_prompt: bool = True
@@ -132,6 +200,12 @@ class PromptOptions:
     multimask: bool = False
     anchor_logit_scale: float = 8.0
     mask_prompt_scale: float = 1.0
+
+    def __post_init__(self):
+        if not (self.box or self.mask_prompt or self.n_positive > 0):
+            raise ValueError(
+                "PromptOptions gives SAM no prompt: enable box, mask_prompt or n_positive > 0"
+            )
 
 
 @dataclass
@@ -191,7 +265,8 @@ class PropagationStep:
     score: predicted IoU (nan without a mask); reason: None while the front goes on, else
     why it stopped at z (then the mask, if any, was rejected); direction: +1 up, -1 down;
     anchor_z: the anchor the front started from; chosen: True when this mask is now the
-    object's result on z (the better of the two directions between anchors).
+    object's result on z (the better of the two directions between anchors); metrics:
+    what the stop rules looked at (None for RANGE/ANCHOR stops).
     """
 
     z: int
@@ -202,6 +277,7 @@ class PropagationStep:
     direction: int
     anchor_z: int
     chosen: bool = False
+    metrics: StepMetrics | None = None
 
     @property
     def accepted(self) -> bool:
@@ -420,6 +496,8 @@ class _Front:
     prev_logits: object  # torch (h, w) or None until derived from the anchor's mask
     z: int  # slice handled next
     active: bool = True
+    ref_feature: object = None  # anchor's embedding contrast (C,), False: not measurable
+    ref_intensity: float | None = None  # anchor's intensity contrast, nan: not measurable
 
     @property
     def prev_area(self) -> int:
@@ -586,24 +664,131 @@ def _sweep(ctx: _SweepContext, d: int, fronts: list[_Front], after: list[_Front]
         nxt = _nearest(later, d)
         if nxt is None:
             nxt = _nearest((f.z for f in after if lo <= f.z <= hi), -d)
+        _prepare_references(ctx, batch)
         emb = ctx.fetch.get(z)
         ctx.fetch.request(nxt)
         with ctx.lock:
             results = _decode(ctx.predictor, emb, batch, ctx.prompts)
-        for f, (mask, score, logits) in zip(batch, results, strict=True):
+        contrast = _feature_contrasts(ctx, emb, batch, [r[2] for r in results])
+        image = ctx.store.read_slice(z) if ctx.criteria.needs_intensity else None
+        for k, (f, (mask, score, logits)) in enumerate(zip(batch, results, strict=True)):
             track = f.track
-            area = int(mask.sum())
-            reason = ctx.criteria.check(area, score, _iou(mask, f.prev_mask), f.prev_area)
+            metrics = StepMetrics(
+                area=int(mask.sum()),
+                prev_area=f.prev_area,
+                iou_prev=_iou(mask, f.prev_mask),
+                score=score,
+                feature_contrast=contrast[k],
+                intensity_contrast=_relative_intensity(image, mask, f.ref_intensity),
+            )
+            reason = ctx.criteria.check(metrics)
             if reason is not None:
                 active.remove(f)
                 track.stops[(f.anchor_z, d)] = (z, reason)
-                yield PropagationStep(z, track.obj_id, mask, score, reason, d, f.anchor_z)
+                yield PropagationStep(z, track.obj_id, mask, score, reason, d, f.anchor_z,
+                                      metrics=metrics)  # fmt: skip
                 continue
             res = SliceResult.from_mask(z, mask, score, f.anchor_z, d)
             track.results(d)[z] = res
             chosen = track.best(z) is res
             f.prev_mask, f.prev_logits, f.z = mask, logits, z + d
-            yield PropagationStep(z, track.obj_id, mask, score, None, d, f.anchor_z, chosen)
+            yield PropagationStep(z, track.obj_id, mask, score, None, d, f.anchor_z, chosen,
+                                  metrics)  # fmt: skip
+
+
+def _anchor_logits(f: _Front, emb, predictor, prompts: PromptOptions):
+    """The front's starting logits (given with the anchor, or made from its mask)."""
+    if f.prev_logits is None:
+        model = predictor.model
+        f.prev_logits = mask_to_logits(
+            f.prev_mask,
+            tuple(int(s) for s in emb.input_size),
+            int(model.image_encoder.img_size),
+            tuple(int(s) for s in model.prompt_encoder.mask_input_size),
+            prompts.anchor_logit_scale,
+        )
+    return f.prev_logits
+
+
+def _prepare_references(ctx: _SweepContext, batch: list[_Front]) -> None:
+    """Measure each new front's anchor once: embedding and intensity contrast."""
+    for f in batch:
+        if ctx.criteria.needs_features and f.ref_feature is None:
+            emb = ctx.fetch.get(f.anchor_z)
+            logits = _anchor_logits(f, emb, ctx.predictor, ctx.prompts)
+            vec, inside = _contrast_vectors(emb, [logits], ctx.predictor.model)
+            ok = inside[0] >= 0.5 and vec[0].norm() > 1e-6
+            f.ref_feature = vec[0] if ok else False
+        if ctx.criteria.needs_intensity and f.ref_intensity is None:
+            ref, spread = _intensity_contrast(ctx.store.read_slice(f.anchor_z), f.prev_mask)
+            # Objects that do not stand out in brightness on their anchor (effect size below
+            # 0.5) are not judged by intensity at all.
+            f.ref_intensity = ref if abs(ref) >= 0.5 * spread and ref != 0 else float("nan")
+
+
+def _contrast_vectors(emb, logits: list, model, ring: int = 5):
+    """Embedding contrast of masks: mean feature inside minus in a ring around each.
+
+    emb.features ``(1, C, h, w)``; logits: low-res ``(h', w')`` per mask (input frame).
+    Returns ``(B, C)`` torch and the masks' areas in embedding cells ``(B,)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    feats = emb.features[0].float()  # (C, h, w)
+    h, w = feats.shape[-2:]
+    lg = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in logits]).to(feats.device)
+    m = F.adaptive_avg_pool2d((lg > 0).float()[:, None], (h, w))  # (B, 1, h, w) coverage
+    # Only cells over the image count (the input frame is padded bottom/right).
+    img = float(model.image_encoder.img_size)
+    valid = torch.zeros((h, w), device=feats.device)
+    vh = int(np.ceil(emb.input_size[0] / img * h))
+    vw = int(np.ceil(emb.input_size[1] / img * w))
+    valid[:vh, :vw] = 1
+    around = (F.max_pool2d(m, ring, 1, ring // 2) - m).clamp(min=0) * valid
+    m, around = m[:, 0], around[:, 0]
+    inside = m.sum(dim=(1, 2))
+    f_in = torch.einsum("bhw,chw->bc", m, feats) / inside.clamp(min=1e-6)[:, None]
+    f_out = (
+        torch.einsum("bhw,chw->bc", around, feats)
+        / around.sum(dim=(1, 2)).clamp(min=1e-6)[:, None]
+    )
+    return f_in - f_out, inside.cpu().numpy()
+
+
+def _feature_contrasts(ctx: _SweepContext, emb, batch: list[_Front], logits: list) -> list:
+    """Per front: this slice's embedding contrast projected on the anchor's (nan if off)."""
+    out = [float("nan")] * len(batch)
+    if not ctx.criteria.needs_features:
+        return out
+    vec, _ = _contrast_vectors(emb, logits, ctx.predictor.model)
+    for k, f in enumerate(batch):
+        ref = f.ref_feature
+        if ref is not False and ref is not None:
+            out[k] = float(vec[k] @ ref / (ref @ ref))
+    return out
+
+
+def _intensity_contrast(image: np.ndarray, mask: np.ndarray, ring: int = 3):
+    """(mean intensity inside ``mask`` minus in a ``ring``-pixel band around it, pooled
+    standard deviation of the two); nan when either region is empty."""
+    from scipy.ndimage import binary_dilation
+
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim == 3:  # RGB(A): mean over channels
+        img = img[..., :3].mean(axis=-1)
+    band = binary_dilation(mask, iterations=ring) & ~mask
+    if not mask.any() or not band.any():
+        return float("nan"), float("nan")
+    inside, around = img[mask], img[band]
+    spread = np.sqrt((np.nanvar(inside) + np.nanvar(around)) / 2)
+    return float(np.nanmean(inside) - np.nanmean(around)), float(spread)
+
+
+def _relative_intensity(image, mask: np.ndarray, ref: float | None) -> float:
+    if image is None or ref is None or not np.isfinite(ref):
+        return float("nan")
+    return _intensity_contrast(image, mask)[0] / ref
 
 
 def _decode(predictor, emb, fronts: list[_Front], prompts: PromptOptions):
@@ -611,12 +796,8 @@ def _decode(predictor, emb, fronts: list[_Front], prompts: PromptOptions):
     import torch
 
     predictor.set_embedding(emb)
-    model = predictor.model
     original_size = tuple(int(s) for s in emb.original_size)
-    input_size = tuple(int(s) for s in emb.input_size)
     device = emb.features.device
-    img_size = int(model.image_encoder.img_size)
-    low_res = tuple(int(s) for s in model.prompt_encoder.mask_input_size)
 
     boxes = np.stack(
         [mask_to_box(f.prev_mask, prompts.box_margin, prompts.box_margin_px) for f in fronts]
@@ -642,10 +823,12 @@ def _decode(predictor, emb, fronts: list[_Front], prompts: PromptOptions):
     n_pts = max(len(p) for p in points)
 
     with torch.inference_mode():
-        boxes_t = torch.as_tensor(
-            predictor.transform.apply_boxes(boxes, original_size), dtype=torch.float32,
-            device=device,
-        )  # fmt: skip
+        boxes_t = None
+        if prompts.box:
+            boxes_t = torch.as_tensor(
+                predictor.transform.apply_boxes(boxes, original_size), dtype=torch.float32,
+                device=device,
+            )  # fmt: skip
         coords_t = labels_t = None
         if n_pts:
             coords = np.zeros((len(fronts), n_pts, 2))
@@ -659,10 +842,7 @@ def _decode(predictor, emb, fronts: list[_Front], prompts: PromptOptions):
         if prompts.mask_prompt:
             logits = []
             for f in fronts:
-                if f.prev_logits is None:
-                    f.prev_logits = mask_to_logits(
-                        f.prev_mask, input_size, img_size, low_res, prompts.anchor_logit_scale
-                    )
+                _anchor_logits(f, emb, predictor, prompts)
                 logits.append(torch.as_tensor(f.prev_logits, dtype=torch.float32))
             mask_in = torch.stack(logits)[:, None].to(device)  # (B, 1, h, w)
             if prompts.mask_prompt_scale != 1.0:

@@ -17,6 +17,7 @@ from napari_sam.embeddings import EmbeddingStore
 from napari_sam.propagate import (
     PromptOptions,
     PropagationState,
+    StepMetrics,
     StopCriteria,
     StopReason,
     interior_points,
@@ -35,7 +36,8 @@ from volume_helpers import (  # noqa: F401 (torch_one_thread: autouse fixture)
 
 # With random weights, masks are arbitrary: disable the data-driven stops so that fronts
 # walk to the stack's ends (only RANGE/ANCHOR end them).
-WALK = StopCriteria(min_area=0, min_iou_prev=None, max_area_growth=None)
+WALK = StopCriteria(min_area=0, min_iou_prev=None, max_area_growth=None,
+                    min_feature_contrast=None)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -263,24 +265,39 @@ def test_z_range_limits_and_reports_range(volume, predictor, warm_store):
 
 def test_stop_criteria_rules():
     c = StopCriteria(min_area=5, min_score=0.5, min_iou_prev=0.3, max_area_growth=2.0,
-                     max_area_shrink=4.0)  # fmt: skip
-    assert c.check(area=100, score=0.9, iou_prev=0.8, prev_area=90) is None
-    assert c.check(area=4, score=0.9, iou_prev=0.8, prev_area=90) is StopReason.EMPTY
-    assert c.check(area=100, score=0.4, iou_prev=0.8, prev_area=90) is StopReason.LOW_SCORE
-    assert c.check(area=100, score=float("nan"), iou_prev=0.8, prev_area=90) is (
-        StopReason.LOW_SCORE
+                     max_area_shrink=4.0, min_feature_contrast=0.4,
+                     min_intensity_contrast=0.3)  # fmt: skip
+
+    def m(**kw):
+        base = {"area": 100, "prev_area": 90, "iou_prev": 0.8, "score": 0.9}
+        base |= {"feature_contrast": 0.9, "intensity_contrast": 0.9}
+        return StepMetrics(**{**base, **kw})
+
+    assert c.check(m()) is None
+    assert c.check(m(area=4)) is StopReason.EMPTY
+    assert c.check(m(score=0.4)) is StopReason.LOW_SCORE
+    assert c.check(m(score=float("nan"))) is StopReason.LOW_SCORE
+    assert c.check(m(iou_prev=0.2)) is StopReason.LOW_OVERLAP
+    assert c.check(m(area=190, iou_prev=0.4)) is StopReason.AREA_GROWTH
+    assert c.check(m(area=20, iou_prev=0.4)) is StopReason.AREA_SHRINK
+    assert c.check(m(feature_contrast=0.3)) is StopReason.LOW_CONTRAST
+    assert c.check(m(intensity_contrast=0.2)) is StopReason.LOW_INTENSITY
+    # Not measurable (nan) never stops a front.
+    assert c.check(m(feature_contrast=float("nan"), intensity_contrast=float("nan"))) is None
+    # The first rule in the documented order is reported.
+    assert c.check(m(area=4, score=0.1, iou_prev=0.0)) is StopReason.EMPTY
+    off = StopCriteria(min_area=0, min_iou_prev=None, max_area_growth=None,
+                       min_feature_contrast=None)  # fmt: skip
+    assert off.check(m(area=0, score=0.0, iou_prev=0.0, feature_contrast=0.0)) is (
+        StopReason.EMPTY
     )
-    assert c.check(area=100, score=0.9, iou_prev=0.2, prev_area=90) is StopReason.LOW_OVERLAP
-    assert c.check(area=190, score=0.9, iou_prev=0.4, prev_area=90) is StopReason.AREA_GROWTH
-    assert c.check(area=20, score=0.9, iou_prev=0.4, prev_area=90) is StopReason.AREA_SHRINK
-    off = StopCriteria(min_area=0, min_score=None, min_iou_prev=None, max_area_growth=None)
-    assert off.check(area=0, score=0.0, iou_prev=0.0, prev_area=90) is StopReason.EMPTY
+    assert off.check(m(area=1, score=0.0, iou_prev=0.0, feature_contrast=0.0)) is None
 
 
 def test_criteria_stop_a_front_and_the_rejected_mask_is_not_kept(volume, predictor, warm_store):
     # An impossible overlap threshold stops both fronts on their first slice.
     state = _state(volume, [(1, 8)])
-    strict = StopCriteria(min_iou_prev=1.01, max_area_growth=None)
+    strict = StopCriteria(min_iou_prev=1.01, max_area_growth=None, min_feature_contrast=None)
     steps = list(propagate(warm_store, twin_predictor(predictor), state,
                            criteria=strict))  # fmt: skip
     assert [(s.z, s.reason) for s in steps] == [
@@ -377,3 +394,43 @@ def test_default_model_reaches_3d_dice_and_stops_at_object_end(kind):
     got = np.flatnonzero(seg.any(axis=(1, 2)))
     assert abs(int(got.min()) - int(zs.min())) <= 2
     assert abs(int(got.max()) - int(zs.max())) <= 2
+
+
+def test_embedding_contrast_measures_object_against_surroundings(predictor):
+    from napari_sam.predictor import Embedding
+    from napari_sam.propagate import _contrast_vectors
+
+    model = predictor.model
+    img = model.image_encoder.img_size
+    c, (h, w) = 8, model.prompt_encoder.image_embedding_size
+    lh, lw = model.prompt_encoder.mask_input_size
+    feats = torch.zeros(1, c, h, w)
+    feats[0, :, 2:5, 2:5] = 1.0  # an "object" in embedding space
+    emb = Embedding(features=feats, input_size=(img, img), original_size=(img, img))
+    on = -torch.ones(lh, lw)
+    on[2 * lh // h : 5 * lh // h, 2 * lw // w : 5 * lw // w] = 1  # mask over the object
+    off = torch.roll(on, shifts=(0, lw // 2), dims=(0, 1))  # same shape, elsewhere
+    vec, inside = _contrast_vectors(emb, [on, off], model)
+    assert inside[0] == pytest.approx(9, abs=0.5)
+    assert torch.allclose(vec[0], torch.ones(c), atol=1e-5)  # inside 1, ring 0
+    ref = vec[0]
+    assert float(vec[1] @ ref / (ref @ ref)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_default_criteria_encode_the_anchor_slice_once(volume, predictor):
+    counter = EncoderCounter(predictor.model)
+    try:
+        store = _store(volume, predictor)
+        state = _state(volume, [(1, 8)])
+        steps = list(propagate(store, twin_predictor(predictor), state, prefetch=False))
+        visited = {s.z for s in steps if s.metrics is not None}
+        assert counter.count == len(visited | {8}) == store.encoder_runs
+        assert all(np.isfinite(s.metrics.feature_contrast) for s in steps if s.metrics)
+        # With prefetch, at most one speculative slice per front end is encoded in vain.
+        counter.count = 0
+        store = _store(volume, predictor)
+        steps = list(propagate(store, twin_predictor(predictor), _state(volume, [(1, 8)])))
+        visited = {s.z for s in steps if s.metrics is not None}
+        assert len(visited | {8}) <= counter.count <= len(visited | {8}) + 2
+    finally:
+        counter.remove()
