@@ -24,7 +24,7 @@ import argparse
 import itertools
 import pickle
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,7 @@ def collect(enc, dec, n_volumes: int, shape, min_voxels: int = 200, prompts=None
 
     never = -float("inf")  # measured, never fires
     walk = StopCriteria(min_area=1, min_score=None, min_iou_prev=None, max_area_growth=None,
-                        min_feature_contrast=never, min_intensity_contrast=never)  # fmt: skip
+                        min_contrast=never, contrast="both")  # fmt: skip
     out = []
     for v, (name, img, lab) in enumerate(volumes(n_volumes, shape)):
         ids = [i for i in np.unique(lab) if i and (lab == i).sum() >= min_voxels]
@@ -101,8 +101,10 @@ def run_rule(rule, t: Trajectory, true_range: bool = False):
             if true_range:
                 if not zs[0] <= z <= zs[-1]:
                     break
-            elif rule is not None and rule.check(metrics) is not None:
-                break
+            elif rule is not None:
+                used = rule.combine(metrics.intensity_contrast, metrics.feature_contrast)
+                if rule.check(replace(metrics, contrast=used)) is not None:
+                    break
             seg[z] = mask
     return seg
 
@@ -121,6 +123,7 @@ def main():
     ap.add_argument("--shape", type=int, nargs=3, default=(32, 128, 128))
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--prompts", default="", help="PromptOptions fields, e.g. box=0,multimask=1")
     ap.add_argument("--save", type=Path, help="pickle the trajectories here")
     ap.add_argument("--load", type=Path, help="evaluate pickled trajectories (no model run)")
     args = ap.parse_args()
@@ -134,7 +137,8 @@ def main():
             label, trajs = pickle.load(fh)
     else:
         enc, dec, label = make_predictors(args.model)
-        trajs = collect(enc, dec, args.volumes, args.shape)
+        trajs = collect(enc, dec, args.volumes, args.shape, prompts=_prompts(args.prompts))
+        label += f"; prompts {_prompts(args.prompts)}"
     if args.save:
         with open(args.save, "wb") as fh:
             pickle.dump((label, trajs), fh)
@@ -150,20 +154,22 @@ def main():
         (None, 0.3, 0.5),  # min_score
         (None, 0.3, 0.5, 0.7, 0.8),  # min_iou_prev
         (None, 2.5),  # max_area_growth
-        (None, 0.2, 0.3, 0.4, 0.5),  # min_feature_contrast
-        (None, 0.3, 0.4, 0.5),  # min_intensity_contrast
+        (None, 0.2, 0.3, 0.4, 0.5),  # min_contrast
+        ("auto", "intensity", "embedding", "both"),  # contrast
     )
     rows = []
-    for ms, mi, mg, fc, ic in grid:
+    for ms, mi, mg, mc, mode in grid:
+        if mc is None and mode != "auto":
+            continue
         rule = StopCriteria(min_area=1, min_score=ms, min_iou_prev=mi, max_area_growth=mg,
-                            min_feature_contrast=fc, min_intensity_contrast=ic)  # fmt: skip
+                            min_contrast=mc, contrast=mode)  # fmt: skip
         rows.append((rule, evaluate(rule, design)))
     rows.sort(key=lambda r: -r[1][0])
-    no_intensity = [r for r in rows if r[0].min_intensity_contrast is None]
+    no_intensity = [r for r in rows if r[0].min_contrast is None or r[0].contrast == "embedding"]
     default = StopCriteria()
     pitfall = StopCriteria(min_area=1, min_score=0.5, min_iou_prev=None, max_area_growth=None,
-                           min_feature_contrast=None)  # fmt: skip
-    old = StopCriteria(min_iou_prev=0.2, max_area_growth=2.5, min_feature_contrast=None)
+                           min_contrast=None)  # fmt: skip
+    old = StopCriteria(min_iou_prev=0.2, max_area_growth=2.5, min_contrast=None)
     ref = [
         ("oracle: masks over the true z range", None, {"true_range": True}),
         ("no stop (until empty mask / stack end)", None, {}),
@@ -188,13 +194,26 @@ def main():
         *[line(name, rule, **kw) for name, rule, kw in ref],
         "| *best rules on the design set:* | | | | |",
         *[line(_fmt(r[0]), r[0]) for r in rows[: args.top]],
-        "| *best without intensity contrast:* | | | | |",
+        "| *best using the embedding only (objects that do not stand out in brightness):* "
+        "| | | | |",
         *[line(_fmt(r[0]), r[0]) for r in no_intensity[: max(3, args.top // 3)]],
     ]
     table = "\n".join(lines)
     print(table)
     if args.out:
         args.out.write_text(table + "\n")
+
+
+def _prompts(text: str):
+    """``"box=0,multimask=1"`` -> PromptOptions(box=False, multimask=True)."""
+    from napari_sam.propagate import PromptOptions
+
+    kw = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        default = getattr(PromptOptions, key)
+        kw[key] = bool(int(value)) if isinstance(default, bool) else type(default)(value)
+    return PromptOptions(**kw)
 
 
 def _fmt(rule) -> str:
@@ -204,12 +223,12 @@ def _fmt(rule) -> str:
         ("min_iou_prev", "IoU_prev<{}"),
         ("max_area_growth", "growth>{}"),
         ("max_area_shrink", "shrink>{}"),
-        ("min_feature_contrast", "feature contrast<{}"),
-        ("min_intensity_contrast", "intensity contrast<{}"),
     ):
         value = getattr(rule, attr)
         if value is not None:
             parts.append(text.format(value))
+    if rule.min_contrast is not None:
+        parts.append(f"{rule.contrast} contrast<{rule.min_contrast}")
     return " or ".join(parts)
 
 

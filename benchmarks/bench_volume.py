@@ -145,9 +145,7 @@ def section(name: str, folder: Path, model_name: str, budget_mb: float) -> dict:
 
     # Timing sections walk every slice whatever the model predicts (random weights give
     # arbitrary masks); stop criteria are exercised by the Dice section.
-    walk = StopCriteria(
-        min_area=0, min_iou_prev=None, max_area_growth=None, min_feature_contrast=None
-    )
+    walk = StopCriteria(min_area=0, min_iou_prev=None, max_area_growth=None, min_contrast=None)
     enc, dec, label = make_predictors(model_name)
     image = zarr.open_array(folder / "image.zarr", mode="r")
     labels = np.load(folder / "labels.npy", mmap_mode="r")

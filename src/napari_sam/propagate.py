@@ -25,10 +25,9 @@ its :class:`StepMetrics`) when
 - ``LOW_OVERLAP``: the IoU with the previous slice's mask is below ``min_iou_prev``;
 - ``AREA_GROWTH`` / ``AREA_SHRINK``: the area changes by more than a factor from the
   previous slice (growth is the usual sign of leaking into a neighbour or background);
-- ``LOW_CONTRAST``: the image no longer shows the object: the mean image embedding inside
-  the mask minus the mean in a ring around it, projected on the same vector measured on
-  the anchor, falls below ``min_feature_contrast`` (a fraction of the anchor's contrast);
-- ``LOW_INTENSITY`` (off by default): the same with the slice's mean intensities;
+- ``LOW_CONTRAST``: the image no longer shows the object: the contrast between the mask
+  and a ring around it (mean intensity for objects that stand out in brightness, else the
+  mean image embedding) falls below ``min_contrast`` times the same contrast on the anchor;
 - ``RANGE``: the next slice is outside ``z_range`` or the stack;
 - ``ANCHOR``: the next slice is another anchor of the same object (never overwritten).
 
@@ -82,8 +81,7 @@ class StopReason(str, Enum):
     LOW_OVERLAP = "IoU with previous slice below threshold"
     AREA_GROWTH = "area grew beyond factor"
     AREA_SHRINK = "area shrank beyond factor"
-    LOW_CONTRAST = "object no longer stands out from its surroundings (embedding contrast)"
-    LOW_INTENSITY = "intensity contrast with the surroundings below threshold"
+    LOW_CONTRAST = "object no longer stands out from its surroundings"
     RANGE = "end of slice range"
     ANCHOR = "reached another anchor"
 
@@ -93,10 +91,11 @@ class StepMetrics:
     """What a step measured, for the stop rules and for display.
 
     area, prev_area: pixels of this and of the previous slice's mask; iou_prev: their IoU;
-    score: SAM's predicted IoU; feature_contrast: how much of the anchor's object-vs-
-    surroundings contrast in the image embedding remains inside this mask (1: as on the
-    anchor, 0: none; nan when not measured); intensity_contrast: the same with mean
-    intensities of the slice (nan when not measured).
+    score: SAM's predicted IoU. Contrast of the mask with a ring around it, as a fraction
+    of the same contrast on the front's anchor (1: as on the anchor, 0: the object does
+    not stand out any more; nan: not measured): intensity_contrast from mean intensities
+    of the slice, feature_contrast from the image embedding (projected on the anchor's
+    contrast vector); contrast: the one the stop rule used.
     """
 
     area: int
@@ -105,6 +104,10 @@ class StepMetrics:
     score: float
     feature_contrast: float = float("nan")
     intensity_contrast: float = float("nan")
+    contrast: float = float("nan")
+
+
+CONTRAST_MODES = ("auto", "intensity", "embedding", "both")
 
 
 @dataclass(frozen=True)
@@ -118,15 +121,17 @@ class StopCriteria:
     min_iou_prev: IoU between this and the previous slice's mask (LOW_OVERLAP).
     max_area_growth / max_area_shrink: area above factor * previous area / below previous
         area / factor (AREA_GROWTH / AREA_SHRINK); growth is how leaks look.
-    min_feature_contrast: stop when the mask's contrast with its surroundings in the image
-        embedding, projected on the anchor's, falls below this fraction (LOW_CONTRAST):
-        the image no longer shows the object there. Model-agnostic (uses the encoder's
-        features), costs the anchor slice's embedding once per front.
-    min_intensity_contrast: the same with the slice's mean intensity inside the mask minus
-        a 3-pixel ring around it, relative to the anchor's (LOW_INTENSITY). Only objects
-        that stand out in brightness on their anchor (difference of means at least half
-        their pooled standard deviation) are judged by it; for the others it is not
-        measured (nan) and never fires.
+    min_contrast: stop when the image no longer shows the object (LOW_CONTRAST): the
+        contrast between the mask and a ring around it falls below this fraction of the
+        same contrast on the anchor slice.
+    contrast: how that contrast is measured. ``"intensity"``: mean intensity inside minus
+        in a 3-pixel ring; only objects that stand out in brightness on their anchor
+        (difference of means at least half the pooled standard deviation) are judged,
+        others never stop on it. ``"embedding"``: the same difference of the image
+        embedding (mean feature vectors on the encoder's grid, ring of 2 cells), projected
+        on the anchor's; needs the anchor slice's embedding. ``"auto"`` (default):
+        intensity for objects that stand out in brightness, embedding for the others.
+        ``"both"``: stop when either falls below.
 
     Defaults were chosen with ``benchmarks/bench_stop_rules.py`` on volumes with known
     extent (see docs/volumes.md).
@@ -137,8 +142,12 @@ class StopCriteria:
     min_iou_prev: float | None = 0.5
     max_area_growth: float | None = 2.5
     max_area_shrink: float | None = None
-    min_feature_contrast: float | None = 0.4
-    min_intensity_contrast: float | None = None
+    min_contrast: float | None = 0.4
+    contrast: str = "auto"
+
+    def __post_init__(self):
+        if self.contrast not in CONTRAST_MODES:
+            raise ValueError(f"contrast must be one of {CONTRAST_MODES}, not {self.contrast!r}")
 
     def check(self, m: StepMetrics) -> StopReason | None:
         """The first criterion that fires for metrics ``m``, or None."""
@@ -153,25 +162,28 @@ class StopCriteria:
         if self.max_area_shrink is not None and m.area * self.max_area_shrink < m.prev_area:
             return StopReason.AREA_SHRINK
         # nan (not measurable for this object) never stops a front.
-        if (
-            self.min_feature_contrast is not None
-            and m.feature_contrast < self.min_feature_contrast
-        ):
+        if self.min_contrast is not None and m.contrast < self.min_contrast:
             return StopReason.LOW_CONTRAST
-        if (
-            self.min_intensity_contrast is not None
-            and m.intensity_contrast < self.min_intensity_contrast
-        ):
-            return StopReason.LOW_INTENSITY
         return None
 
-    @property
-    def needs_features(self) -> bool:
-        return self.min_feature_contrast is not None
+    def combine(self, intensity: float, feature: float) -> float:
+        """The contrast the rule uses, from the two measures (nan: not measured)."""
+        if self.contrast == "intensity":
+            return intensity
+        if self.contrast == "embedding":
+            return feature
+        if self.contrast == "auto":
+            return intensity if np.isfinite(intensity) else feature
+        finite = [v for v in (intensity, feature) if np.isfinite(v)]
+        return min(finite) if finite else float("nan")
 
     @property
     def needs_intensity(self) -> bool:
-        return self.min_intensity_contrast is not None
+        return self.min_contrast is not None and self.contrast != "embedding"
+
+    @property
+    def needs_features(self) -> bool:
+        return self.min_contrast is not None and self.contrast != "intensity"
 
 
 @dataclass(frozen=True)
@@ -669,17 +681,21 @@ def _sweep(ctx: _SweepContext, d: int, fronts: list[_Front], after: list[_Front]
         ctx.fetch.request(nxt)
         with ctx.lock:
             results = _decode(ctx.predictor, emb, batch, ctx.prompts)
-        contrast = _feature_contrasts(ctx, emb, batch, [r[2] for r in results])
-        image = ctx.store.read_slice(z) if ctx.criteria.needs_intensity else None
+        features = _feature_contrasts(ctx, emb, batch, [r[2] for r in results])
+        need_image = any(f.ref_intensity is not None and np.isfinite(f.ref_intensity)
+                         for f in batch)  # fmt: skip
+        image = ctx.store.read_slice(z) if need_image else None
         for k, (f, (mask, score, logits)) in enumerate(zip(batch, results, strict=True)):
             track = f.track
+            intensity = _relative_intensity(image, mask, f.ref_intensity)
             metrics = StepMetrics(
                 area=int(mask.sum()),
                 prev_area=f.prev_area,
                 iou_prev=_iou(mask, f.prev_mask),
                 score=score,
-                feature_contrast=contrast[k],
-                intensity_contrast=_relative_intensity(image, mask, f.ref_intensity),
+                feature_contrast=features[k],
+                intensity_contrast=intensity,
+                contrast=ctx.criteria.combine(intensity, features[k]),
             )
             reason = ctx.criteria.check(metrics)
             if reason is not None:
@@ -711,19 +727,21 @@ def _anchor_logits(f: _Front, emb, predictor, prompts: PromptOptions):
 
 
 def _prepare_references(ctx: _SweepContext, batch: list[_Front]) -> None:
-    """Measure each new front's anchor once: embedding and intensity contrast."""
+    """Measure each new front's anchor once: intensity and/or embedding contrast."""
+    crit = ctx.criteria
     for f in batch:
-        if ctx.criteria.needs_features and f.ref_feature is None:
+        if crit.needs_intensity and f.ref_intensity is None:
+            ref, spread = _intensity_contrast(ctx.store.read_slice(f.anchor_z), f.prev_mask)
+            # Objects that do not stand out in brightness on their anchor (effect size below
+            # 0.5) are not judged by intensity at all.
+            f.ref_intensity = ref if abs(ref) >= 0.5 * spread and ref != 0 else float("nan")
+        auto_uses_intensity = crit.contrast == "auto" and np.isfinite(f.ref_intensity or np.nan)
+        if crit.needs_features and f.ref_feature is None and not auto_uses_intensity:
             emb = ctx.fetch.get(f.anchor_z)
             logits = _anchor_logits(f, emb, ctx.predictor, ctx.prompts)
             vec, inside = _contrast_vectors(emb, [logits], ctx.predictor.model)
             ok = inside[0] >= 0.5 and vec[0].norm() > 1e-6
             f.ref_feature = vec[0] if ok else False
-        if ctx.criteria.needs_intensity and f.ref_intensity is None:
-            ref, spread = _intensity_contrast(ctx.store.read_slice(f.anchor_z), f.prev_mask)
-            # Objects that do not stand out in brightness on their anchor (effect size below
-            # 0.5) are not judged by intensity at all.
-            f.ref_intensity = ref if abs(ref) >= 0.5 * spread and ref != 0 else float("nan")
 
 
 def _contrast_vectors(emb, logits: list, model, ring: int = 5):
@@ -759,7 +777,7 @@ def _contrast_vectors(emb, logits: list, model, ring: int = 5):
 def _feature_contrasts(ctx: _SweepContext, emb, batch: list[_Front], logits: list) -> list:
     """Per front: this slice's embedding contrast projected on the anchor's (nan if off)."""
     out = [float("nan")] * len(batch)
-    if not ctx.criteria.needs_features:
+    if not any(f.ref_feature is not None and f.ref_feature is not False for f in batch):
         return out
     vec, _ = _contrast_vectors(emb, logits, ctx.predictor.model)
     for k, f in enumerate(batch):

@@ -36,8 +36,7 @@ from volume_helpers import (  # noqa: F401 (torch_one_thread: autouse fixture)
 
 # With random weights, masks are arbitrary: disable the data-driven stops so that fronts
 # walk to the stack's ends (only RANGE/ANCHOR end them).
-WALK = StopCriteria(min_area=0, min_iou_prev=None, max_area_growth=None,
-                    min_feature_contrast=None)  # fmt: skip
+WALK = StopCriteria(min_area=0, min_iou_prev=None, max_area_growth=None, min_contrast=None)
 
 
 @pytest.fixture(scope="module")
@@ -265,12 +264,10 @@ def test_z_range_limits_and_reports_range(volume, predictor, warm_store):
 
 def test_stop_criteria_rules():
     c = StopCriteria(min_area=5, min_score=0.5, min_iou_prev=0.3, max_area_growth=2.0,
-                     max_area_shrink=4.0, min_feature_contrast=0.4,
-                     min_intensity_contrast=0.3)  # fmt: skip
+                     max_area_shrink=4.0, min_contrast=0.4)  # fmt: skip
 
     def m(**kw):
-        base = {"area": 100, "prev_area": 90, "iou_prev": 0.8, "score": 0.9}
-        base |= {"feature_contrast": 0.9, "intensity_contrast": 0.9}
+        base = {"area": 100, "prev_area": 90, "iou_prev": 0.8, "score": 0.9, "contrast": 0.9}
         return StepMetrics(**{**base, **kw})
 
     assert c.check(m()) is None
@@ -280,24 +277,29 @@ def test_stop_criteria_rules():
     assert c.check(m(iou_prev=0.2)) is StopReason.LOW_OVERLAP
     assert c.check(m(area=190, iou_prev=0.4)) is StopReason.AREA_GROWTH
     assert c.check(m(area=20, iou_prev=0.4)) is StopReason.AREA_SHRINK
-    assert c.check(m(feature_contrast=0.3)) is StopReason.LOW_CONTRAST
-    assert c.check(m(intensity_contrast=0.2)) is StopReason.LOW_INTENSITY
+    assert c.check(m(contrast=0.3)) is StopReason.LOW_CONTRAST
     # Not measurable (nan) never stops a front.
-    assert c.check(m(feature_contrast=float("nan"), intensity_contrast=float("nan"))) is None
+    assert c.check(m(contrast=float("nan"))) is None
     # The first rule in the documented order is reported.
     assert c.check(m(area=4, score=0.1, iou_prev=0.0)) is StopReason.EMPTY
-    off = StopCriteria(min_area=0, min_iou_prev=None, max_area_growth=None,
-                       min_feature_contrast=None)  # fmt: skip
-    assert off.check(m(area=0, score=0.0, iou_prev=0.0, feature_contrast=0.0)) is (
-        StopReason.EMPTY
-    )
-    assert off.check(m(area=1, score=0.0, iou_prev=0.0, feature_contrast=0.0)) is None
+    off = StopCriteria(min_area=0, min_iou_prev=None, max_area_growth=None, min_contrast=None)
+    assert off.check(m(area=0, score=0.0, iou_prev=0.0, contrast=0.0)) is StopReason.EMPTY
+    assert off.check(m(area=1, score=0.0, iou_prev=0.0, contrast=0.0)) is None
+    # Which contrast the rule uses.
+    nan = float("nan")
+    assert StopCriteria(contrast="auto").combine(0.2, 0.9) == 0.2
+    assert StopCriteria(contrast="auto").combine(nan, 0.9) == 0.9
+    assert StopCriteria(contrast="intensity").combine(nan, 0.9) != 0.9
+    assert StopCriteria(contrast="embedding").combine(0.2, 0.9) == 0.9
+    assert StopCriteria(contrast="both").combine(0.2, 0.9) == 0.2
+    with pytest.raises(ValueError, match="contrast must be one of"):
+        StopCriteria(contrast="edges")
 
 
 def test_criteria_stop_a_front_and_the_rejected_mask_is_not_kept(volume, predictor, warm_store):
     # An impossible overlap threshold stops both fronts on their first slice.
     state = _state(volume, [(1, 8)])
-    strict = StopCriteria(min_iou_prev=1.01, max_area_growth=None, min_feature_contrast=None)
+    strict = StopCriteria(min_iou_prev=1.01, max_area_growth=None, min_contrast=None)
     steps = list(propagate(warm_store, twin_predictor(predictor), state,
                            criteria=strict))  # fmt: skip
     assert [(s.z, s.reason) for s in steps] == [
@@ -417,20 +419,50 @@ def test_embedding_contrast_measures_object_against_surroundings(predictor):
     assert float(vec[1] @ ref / (ref @ ref)) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_default_criteria_encode_the_anchor_slice_once(volume, predictor):
+def test_embedding_contrast_encodes_the_anchor_slice_once(volume, predictor):
     counter = EncoderCounter(predictor.model)
+    emb_rule = StopCriteria(contrast="embedding")
     try:
         store = _store(volume, predictor)
         state = _state(volume, [(1, 8)])
-        steps = list(propagate(store, twin_predictor(predictor), state, prefetch=False))
+        steps = list(propagate(store, twin_predictor(predictor), state, criteria=emb_rule,
+                               prefetch=False))  # fmt: skip
         visited = {s.z for s in steps if s.metrics is not None}
         assert counter.count == len(visited | {8}) == store.encoder_runs
         assert all(np.isfinite(s.metrics.feature_contrast) for s in steps if s.metrics)
+        assert all(s.metrics.contrast == s.metrics.feature_contrast for s in steps if s.metrics)
         # With prefetch, at most one speculative slice per front end is encoded in vain.
         counter.count = 0
         store = _store(volume, predictor)
-        steps = list(propagate(store, twin_predictor(predictor), _state(volume, [(1, 8)])))
+        steps = list(propagate(store, twin_predictor(predictor), _state(volume, [(1, 8)]),
+                               criteria=emb_rule))  # fmt: skip
         visited = {s.z for s in steps if s.metrics is not None}
         assert len(visited | {8}) <= counter.count <= len(visited | {8}) + 2
     finally:
         counter.remove()
+
+
+def test_auto_contrast_uses_intensity_for_bright_objects(volume, predictor):
+    # The test ellipsoid is much brighter than its surroundings: "auto" judges it by
+    # intensity, so the anchor slice needs no embedding.
+    counter = EncoderCounter(predictor.model)
+    try:
+        store = _store(volume, predictor)
+        steps = list(propagate(store, twin_predictor(predictor), _state(volume, [(1, 8)]),
+                               prefetch=False))  # fmt: skip
+        measured = [s.metrics for s in steps if s.metrics is not None]
+        assert measured and all(np.isfinite(m.intensity_contrast) for m in measured)
+        assert all(np.isnan(m.feature_contrast) for m in measured)
+        assert all(m.contrast == m.intensity_contrast for m in measured)
+        assert counter.count == len({s.z for s in steps if s.metrics is not None})
+    finally:
+        counter.remove()
+    # A flat object (same brightness as its surroundings) falls back to the embedding.
+    img = np.full((16, 48, 48), 0.5, np.float32)
+    img += 0.05 * np.random.default_rng(0).standard_normal(img.shape).astype(np.float32)
+    state = PropagationState(16, (48, 48))
+    state.add_anchor(1, 8, volume[1][8])
+    steps = list(propagate(EmbeddingStore(img, predictor), twin_predictor(predictor), state))
+    measured = [s.metrics for s in steps if s.metrics is not None]
+    assert measured and all(np.isnan(m.intensity_contrast) for m in measured)
+    assert all(m.contrast == m.feature_contrast for m in measured)

@@ -18,7 +18,7 @@ from volume_helpers import (  # noqa: F401 (torch_one_thread: autouse fixture)
 
 pytestmark = pytest.mark.gui
 
-WALK = StopCriteria(min_area=0, min_iou_prev=None, max_area_growth=None, min_feature_contrast=None)
+WALK = StopCriteria(min_area=0, min_iou_prev=None, max_area_growth=None, min_contrast=None)
 
 
 @pytest.fixture
