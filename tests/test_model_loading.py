@@ -100,7 +100,37 @@ def test_missing_file(tmp_path):
         load_model(tmp_path / "nothing.pth")
 
 
-def test_no_default_model_yet_names_the_alternatives():
+def test_load_model_without_argument_gives_the_bundled_default_model():
+    import numpy as np
+
+    from napari_sam.model.small_encoder import default_weights
+    from napari_sam.predictor import SamPredictor
+    from napari_sam.train.synthetic import make_image
+
+    assert default_weights().is_file(), "the default model must ship inside the package"
+    model = load_model()
+    assert type(model.image_encoder).__name__ == "SmallEncoder"
+    # It segments for real: for boxes around synthetic objects its masks overlap the objects
+    # clearly better than the filled boxes do (what an untrained model cannot do).
+    image, labels = make_image(3, shape=(256, 256))
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    predictor = SamPredictor(model)
+    predictor.set_image(image)
+    ious, box_ious = [], []
+    for obj_id in ids[np.argsort(counts)[::-1][:6]]:
+        obj = labels == obj_id
+        rows, cols = np.nonzero(obj)
+        box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+        masks, _, _ = predictor.predict(box=box, multimask_output=False)
+        ious.append((masks[0] & obj).sum() / (masks[0] | obj).sum())
+        box_ious.append(obj.sum() / ((box[2] - box[0]) * (box[3] - box[1])))
+    assert np.mean(ious) > np.mean(box_ious) + 0.1, (ious, box_ious)
+
+
+def test_no_default_model_names_the_alternatives(monkeypatch):
+    from napari_sam.model import registry
+
+    monkeypatch.setattr(registry, "_default_checkpoint", lambda: None)
     with pytest.raises(ValueError, match="No default model.*vit_b.*path"):
         load_model()
 

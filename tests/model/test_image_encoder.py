@@ -11,11 +11,15 @@ from napari_sam.model.image_encoder import ImageEncoderViT, _rel_pos_table
 
 
 def _pair(official, randomize, scale=0.2, **kw):
-    ref = official.modeling.ImageEncoderViT(
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True, **kw
-    )
+    # Built on the meta device and then given storage: skips the default initialisation,
+    # which `randomize` overwrites anyway (matters for ViT-B-sized models).
+    with torch.device("meta"):
+        ref = official.modeling.ImageEncoderViT(
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True, **kw
+        )
+        ours = ImageEncoderViT(**kw)
+    ref, ours = ref.to_empty(device="cpu"), ours.to_empty(device="cpu")
     randomize(ref, seed=4, scale=scale)
-    ours = ImageEncoderViT(**kw)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref.eval(), ours.eval()
 
@@ -63,17 +67,17 @@ def test_small_configs_match_official(official, randomize, maxdiff, kw):
 
 
 def test_vit_b_architecture_matches_official(official, randomize, maxdiff):
-    """ViT-B widths, depth, heads, window 14 and global blocks, at a 256 input (grid 16,
-    windows padded to 28) to stay fast; the 1024 key/shape layout is checked in test_build."""
+    """ViT-B widths, depth, heads, window 14 and global blocks, at a 224 input (grid 14 = one
+    window; padding is covered above) to stay fast; the 1024 key/shape layout is checked in test_build."""
     kw = {
-        "img_size": 256, "embed_dim": 768, "depth": 12, "num_heads": 12, "window_size": 14,
+        "img_size": 224, "embed_dim": 768, "depth": 12, "num_heads": 12, "window_size": 14,
         "global_attn_indexes": (2, 5, 8, 11), "mlp_ratio": 4.0, "out_chans": 256,
     }  # fmt: skip
     ref, ours = _pair(official, randomize, scale=0.02, **kw)
-    x = torch.randn(1, 3, 256, 256)
+    x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         a, b = ref(x), ours(x)
-    assert b.shape == (1, 256, 16, 16)
+    assert b.shape == (1, 256, 14, 14)
     assert a.abs().max() > 0.1  # not a degenerate output
     assert maxdiff(a, b) < 1e-4
 

@@ -73,3 +73,22 @@ def test_bad_arguments(tmp_path, capsys):
     assert "not valid JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train"])  # --out is required
+
+
+def test_multi_phase_recipe_chains_weights(tmp_path, monkeypatch):
+    from napari_sam.train import recipes
+
+    phase = {"steps": 2, "eval_every": 2, "eval_images": 2, "images_per_step": 1}
+    monkeypatch.setitem(recipes.RECIPES, "tiny2", [dict(phase), {**phase, "lr": 0.0}])
+    out = tmp_path / "r"
+    assert main(["train", "--recipe", "tiny2", "--out", str(out), *COMMON]) == 0
+    p0 = torch.load(out / "phase0" / "best.pt", weights_only=True)
+    p1 = torch.load(out / "phase1" / "last.pt", weights_only=True)
+    assert p1["config"]["init"] == str(out / "phase0" / "best.pt")
+    # phase 1 ran with lr 0 from phase 0's best weights: its parameters did not move
+    # (BatchNorm running statistics do, so compare the trainable weights only)
+    for k, v in p0["model"].items():
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(v, p1["model"][k]), k
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipes.recipe("nope")

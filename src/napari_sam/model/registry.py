@@ -429,8 +429,11 @@ def _has_xxhash() -> bool:
 
 
 def _default_checkpoint() -> Path | None:
-    """The project's bundled default model; None until one ships with the package."""
-    return None
+    """The project's bundled default model (``napari_sam/weights/nsam_s.pt``), if shipped."""
+    from napari_sam.model.small_encoder import default_weights
+
+    path = default_weights()
+    return path if path.is_file() else None
 
 
 def resolve_checkpoint(
@@ -483,6 +486,15 @@ def load_model(
             )
     path = resolve_checkpoint(name_or_path, progress=progress)
     state = load_checkpoint(path)
+
+    from napari_sam.model.small_encoder import load_nsam, looks_like_nsam
+
+    if looks_like_nsam(state):
+        # The project's own small SAM: its config travels in a JSON sidecar.
+        try:
+            return load_nsam(path).to(target).eval()
+        except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is a napari-sam small model but {e}") from e
 
     from napari_sam.model.build import build_sam, detect_model_type
 

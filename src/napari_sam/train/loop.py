@@ -23,7 +23,6 @@ The entry point :func:`train` takes a :class:`TrainConfig` and an optional progr
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -71,7 +70,7 @@ class TrainConfig:
     kind: str = "mixed"
     seed: int = 0
     threads: int = 2
-    ckpt_every: int = 50
+    ckpt_every: int = 50  # 0: no checkpoint files at all (fine-tuning in memory)
     eval_every: int = 250
     eval_images: int = 24
     eval_objects: int = 8
@@ -269,12 +268,17 @@ def _stack_prompts(its: list[P.Interaction], torch):
     return coords, labels, boxes, masks
 
 
-def _low_res_targets(masks: list, torch) -> object:
-    """(K, 1, S/2, S/2) soft targets from (S, S) bool masks (2x2 average)."""
+def _low_res_targets(masks: list, torch, side: int | None = None) -> object:
+    """(K, 1, side, side) soft targets from (S, S) bool masks (block average).
+
+    ``side``: the decoder's low-res mask side, 4x the embedding side (S/2 for nsam,
+    S/4 for the official stride-16 encoders); default S/2.
+    """
     import torch.nn.functional as F
 
     t = torch.from_numpy(np.stack(masks)).float()[:, None]
-    return F.avg_pool2d(t, 2)
+    factor = 2 if side is None else t.shape[-1] // side
+    return F.avg_pool2d(t, factor)
 
 
 def _upsample(logits, size):
@@ -294,7 +298,7 @@ def _round_loss(logits, iou, target):
 def _session_step(model, emb, sample: Sample, obj_idx, cfg: TrainConfig, rng, torch):
     """Loss of one image's objects over a sampled interactive session."""
     masks = [sample.masks[i] for i in obj_idx]
-    target = _low_res_targets(masks, torch)
+    target = _low_res_targets(masks, torch, side=4 * emb.shape[-1])
     kind = "box" if rng.random() < cfg.box_prob else "point"
     its = [P.start(m, rng, kind) for m in masks]
     n_rounds = int(rng.integers(0, cfg.max_rounds + 1))
@@ -436,7 +440,7 @@ def save_checkpoint(path, model, opt, step, rng, cfg, history, best, torch) -> N
         "step": step,
         "rng": _rng_state(rng, torch),
         "config": cfg.to_json(),
-        "model_config": dict(model.nsam_config),
+        "model_config": dict(getattr(model, "nsam_config", {})),
         "history": history,
         "best": best,
     }
@@ -494,6 +498,7 @@ def train(
     source=None,
     eval_samples: list[Sample] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    model=None,
 ):
     """Train (or resume) and return ``(model, history)``.
 
@@ -504,6 +509,9 @@ def train(
         source: object with ``sample(rng) -> Sample`` (default :class:`SyntheticSource`).
         eval_samples: held-out samples (default :func:`eval_set`).
         should_stop: polled every step (e.g. a cancel button); stops after a checkpoint.
+        model: start from this SAM model (any type, e.g. from ``load_model``; trained in
+            place, on the CPU, its input frame must be ``cfg.canvas``) instead of building
+            the nsam model of ``cfg.model`` / ``cfg.init`` (see :mod:`napari_sam.finetune`).
     """
     import torch
 
@@ -513,7 +521,8 @@ def train(
     last = out / "last.pt"
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = build_model(cfg)
+    if model is None:
+        model = build_model(cfg)
     params = [
         p for n, p in model.named_parameters() if cfg.train_encoder or "image_encoder" not in n
     ]
@@ -555,7 +564,7 @@ def train(
             torch.save(
                 {
                     "model": model.state_dict(),
-                    "model_config": dict(model.nsam_config),
+                    "model_config": dict(getattr(model, "nsam_config", {})),
                     "metrics": m,
                     "step": step,
                 },
@@ -624,12 +633,13 @@ def train(
             )
             if cfg.eval_every and step % cfg.eval_every == 0:
                 run_eval()
-            if step % cfg.ckpt_every == 0 or step == end:
+            if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == end):
                 save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch)
             if cfg.patience and stale >= cfg.patience:
                 reason = "early_stop"
                 break
-        save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch)
+        if cfg.ckpt_every:
+            save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch)
     finally:
         emit({"kind": "done", "step": step, "reason": reason, "best": best["score"]})
         log.close()
@@ -649,8 +659,3 @@ def load_best(path) -> dict:
     ck = load_checkpoint(path)
     model = build_nsam(ck["model_config"], checkpoint=ck["model"])
     return {"model": model, "metrics": ck.get("metrics") or ck.get("best", {}).get("metrics")}
-
-
-def model_copy(model):
-    """Deep copy of a model (for before/after comparisons)."""
-    return copy.deepcopy(model)

@@ -28,6 +28,23 @@ RECIPES: dict[str, list[dict]] = {
             "threads": 1,
             "seed": 0,
         },
+        {  # continued from phase 0's best weights: warm restart at half the lr, larger
+            # canvas and objects up to 2.5x (images up-sampled by the predictor)
+            "canvas": 192,
+            "steps": 800,
+            "images_per_step": 4,
+            "objects_per_image": 6,
+            "max_rounds": 3,
+            "scale_range": [0.5, 2.5],
+            "uint8_passthrough": 0.7,
+            "lr": 5e-4,
+            "warmup": 50,
+            "eval_every": 200,
+            "eval_images": 20,
+            "ckpt_every": 25,
+            "threads": 1,
+            "seed": 1,
+        },
     ],
 }
 

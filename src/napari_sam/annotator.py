@@ -1,0 +1,852 @@
+"""Interactive annotation session: prompts -> three candidate masks -> committed objects.
+
+An :class:`Annotator` owns everything the interactive 2D workflow needs and nothing of the
+GUI (no Qt, no napari): a predictor (see ``docs/architecture.md``: ``set_image``,
+``get_embedding``, ``set_embedding``, ``predict``), a per-slice embedding cache, the
+current object's prompts on every slice, SAM's three candidates for the current slice, the
+selected candidate, and the committed label array with undo/redo.
+
+Coordinates: prompts are napari data coordinates of the current plane, ``(row, col)`` with
+pixel centres at integers (see :mod:`napari_sam.slicing` for planes of 3D stacks and
+:mod:`napari_sam.prompts`, the only place where they become SAM's ``(x, y)``).
+
+Rules (also in docs/usage.md):
+
+- **Candidates.** Every prompt change asks the decoder for SAM's three candidates (part /
+  sub-part / whole) with their predicted IoU. The selected one is the highest predicted
+  IoU, unless the user picked one (:meth:`Annotator.select`); a pick sticks until the
+  object is committed or cleared, or the slice changes.
+- **Refinement.** When a prompt change only *adds* points to the prompts whose candidates
+  are on screen (same box, earlier points unchanged), the selected candidate's low-res
+  logits go with the new prompts as SAM's dense ``mask_input``, the way SAM's demo
+  refines with extra clicks. Moving or deleting a point, or changing the box, predicts
+  from the prompts alone.
+- **Commit** writes the selected candidate into the labels plane of the current slice
+  with a new id (``max id + 1``) or a chosen one. Overlap with committed objects follows
+  ``overlap``: ``"keep"`` (default) leaves pixels of other objects untouched, the new
+  object only takes background pixels; ``"overwrite"`` gives every pixel of the mask to
+  the new object. Committing with the id of an existing object adds the mask to it. The
+  prompts of the slice are cleared.
+- **Undo/redo** covers prompt edits and commits in one history (newest first). A commit
+  stores only the pixels it changed (their indices and old values); undoing it restores
+  them and brings back the object's prompts. Any new edit clears the redo history.
+
+Threads: :meth:`Annotator.compute_embedding` and :meth:`Annotator.run` may run in worker
+threads (the encoder and the decoder each sit behind a lock); everything else belongs to
+the caller's (GUI) thread. :meth:`Annotator.update` does request, decoding and apply in
+one synchronous call for scripts and tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields, is_dataclass
+
+import numpy as np
+
+from napari_sam.prompts import box_rc_to_xyxy, rc_to_xy
+from napari_sam.slicing import (
+    SliceKey,
+    check_image_shape,
+    check_key,
+    default_key,
+    plane_index,
+    plane_shape,
+    take_plane,
+)
+
+OVERLAP_RULES = ("keep", "overwrite")
+
+#: Names of SAM's three multimask outputs, in output order (SAM paper, Sec. 3).
+CANDIDATE_NAMES = ("sub-part", "part", "whole")
+
+
+@dataclass(frozen=True, eq=False)
+class Refinement:
+    """The dense prompt of a prompt state: a candidate of an earlier prediction."""
+
+    parent: Prompts  # the prompts whose prediction gave the logits
+    candidate: int  # which of its three candidates
+    logits: np.ndarray  # (1, h, w) float32 low-res logits, SAM's ``mask_input``
+
+
+@dataclass(eq=False)
+class Prompts:
+    """The prompts of one object on one slice (immutable by convention).
+
+    points: ``(N, 2) float64 (row, col)``; labels: ``(N,) int32``, 1 positive, 0 negative;
+    box: ``(4,) float64 (r0, c0, r1, c1)`` with ``r0 <= r1``, ``c0 <= c1``, or ``None``.
+    ``refine`` is the dense prompt, resolved on the first prediction (see module doc).
+    """
+
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None = None
+    refine: Refinement | None = None
+    refine_pending: bool = False
+
+    @classmethod
+    def empty(cls) -> Prompts:
+        return cls(np.zeros((0, 2)), np.zeros((0,), dtype=np.int32), None)
+
+    @property
+    def is_empty(self) -> bool:
+        return len(self.points) == 0 and self.box is None
+
+    def same_prompts(self, other: Prompts) -> bool:
+        """Same points, labels and box (ignores the dense prompt)."""
+        return (
+            self.points.shape == other.points.shape
+            and np.array_equal(self.points, other.points)
+            and np.array_equal(self.labels, other.labels)
+            and _same_box(self.box, other.box)
+        )
+
+    def extends(self, other: Prompts) -> bool:
+        """True if these prompts are ``other`` plus extra points (same box)."""
+        n = len(other.points)
+        return (
+            not other.is_empty
+            and len(self.points) > n
+            and _same_box(self.box, other.box)
+            and np.array_equal(self.points[:n], other.points)
+            and np.array_equal(self.labels[:n], other.labels)
+        )
+
+
+def _same_box(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.array_equal(a, b))
+
+
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """SAM's three candidates for one prompt state on one slice.
+
+    masks: ``(3, H, W) bool``; ious: ``(3,) float32`` predicted IoU; logits:
+    ``(3, h, w) float32`` low-res logits (``h = w = 256`` for SAM).
+    """
+
+    key: SliceKey
+    version: int
+    prompts: Prompts
+    masks: np.ndarray
+    ious: np.ndarray
+    logits: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class PredictionRequest:
+    """Everything one decoder call needs, frozen so that it can go to a worker thread.
+
+    points_xy: ``(N, 2) (x, y)`` or None; point_labels ``(N,)``; box_xyxy ``(4,)`` or None;
+    mask_input ``(1, h, w)`` or None.
+    """
+
+    key: SliceKey
+    version: int
+    prompts: Prompts
+    embedding: object
+    points_xy: np.ndarray | None
+    point_labels: np.ndarray | None
+    box_xyxy: np.ndarray | None
+    mask_input: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class PromptStep:
+    """One prediction of a refinement chain, for replay.
+
+    ``uses_previous``: the previous step's ``candidate`` logits were the dense prompt.
+    points ``(N, 2) (row, col)``; box ``(r0, c0, r1, c1)`` or None.
+    """
+
+    points: np.ndarray
+    labels: np.ndarray
+    box: np.ndarray | None
+    candidate: int
+    uses_previous: bool
+
+
+@dataclass
+class ObjectRecord:
+    """What produced a committed object: enough to save, show and replay it.
+
+    ``slice_key``: the plane (see :mod:`napari_sam.slicing`); ``points`` ``(N, 2)
+    (row, col)`` in-plane data coordinates, ``labels`` 1/0, ``box`` ``(r0, c0, r1, c1)``;
+    ``steps``: the refinement chain, oldest first, the last one being the final prompts.
+    """
+
+    label_id: int
+    slice_key: tuple
+    points: np.ndarray
+    point_labels: np.ndarray
+    box: np.ndarray | None
+    candidate: int
+    predicted_iou: float
+    model: str
+    overlap: str
+    n_pixels: int
+    steps: list[PromptStep] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+
+
+@dataclass(eq=False)
+class _PromptEdit:
+    key: SliceKey
+    before: Prompts
+    after: Prompts
+    text: str
+
+
+@dataclass(eq=False)
+class _Commit:
+    key: SliceKey
+    rows: np.ndarray
+    cols: np.ndarray
+    old: np.ndarray
+    label_id: int
+    prompts: Prompts
+    choice: int | None
+    next_id_before: int
+    next_id_after: int
+    record: ObjectRecord
+    text: str = ""
+
+
+def _nbytes(obj) -> int:
+    """Rough size of an embedding object: the arrays/tensors it holds."""
+    if hasattr(obj, "nbytes"):
+        return int(obj.nbytes)
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return int(obj.element_size() * obj.numel())
+    values = []
+    if is_dataclass(obj):
+        values = [getattr(obj, f.name) for f in fields(obj)]
+    elif hasattr(obj, "__dict__"):
+        values = list(vars(obj).values())
+    elif isinstance(obj, tuple | list):
+        values = list(obj)
+    total = 0
+    for v in values:
+        if hasattr(v, "nbytes") or hasattr(v, "element_size") or isinstance(v, tuple | list):
+            total += _nbytes(v)
+    return total
+
+
+class Annotator:
+    """An annotation session on one image (see the module docstring for the rules).
+
+    Parameters
+    ----------
+    predictor
+        Decodes prompts (``set_embedding``, ``predict``); also encodes unless ``encoder``
+        is given.
+    image
+        Array-like (numpy, dask, zarr), spatial shape ``(H, W)`` or ``(Z, Y, X)``, plus a
+        trailing channel axis of 3 or 4 if ``rgb``. Only the annotated plane is read.
+    rgb
+        The last axis holds RGB(A) channels (alpha is dropped).
+    encoder
+        A second predictor on the same model for computing embeddings in a worker thread
+        while ``predictor`` decodes on another. Defaults to ``predictor``.
+    labels
+        Committed labels, integer array of the spatial shape, written in place (share it
+        with a napari Labels layer). A ``uint32`` array of zeros by default.
+    model_name
+        Stored in each :class:`ObjectRecord`.
+    cache_bytes
+        Budget of the in-memory embedding cache (least recently used slices go first).
+    overlap
+        Default overlap rule for :meth:`commit`: ``"keep"`` or ``"overwrite"``.
+    refine
+        Use the previous candidate's logits as a dense prompt when points are added.
+    """
+
+    def __init__(
+        self,
+        predictor,
+        image,
+        *,
+        rgb: bool = False,
+        encoder=None,
+        labels: np.ndarray | None = None,
+        model_name: str = "",
+        cache_bytes: int = 512 * 2**20,
+        overlap: str = "keep",
+        refine: bool = True,
+    ):
+        self.shape = check_image_shape(np.shape(image), rgb)
+        self.image = image
+        self.rgb = rgb
+        self.predictor = predictor
+        self.encoder = predictor if encoder is None else encoder
+        self.model_name = model_name
+        self.cache_bytes = int(cache_bytes)
+        self.refine = refine
+        self.overlap = _check_overlap(overlap)
+        if labels is None:
+            labels = np.zeros(self.shape, dtype=np.uint32)
+        else:
+            if tuple(labels.shape) != self.shape:
+                raise ValueError(
+                    f"labels shape {tuple(labels.shape)} does not match the image's spatial "
+                    f"shape {self.shape}; give a labels array of the image's shape"
+                )
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise TypeError(f"labels must have an integer dtype, not {labels.dtype}")
+        self.labels = labels
+        self._next_id = int(labels.max()) + 1 if labels.size else 1
+        self._key: SliceKey = default_key(self.shape)
+        self._prompts: dict[SliceKey, Prompts] = {}
+        self._candidates: Candidates | None = None
+        self._choice: int | None = None
+        self._version = 0
+        self._undo: list = []
+        self._redo: list = []
+        self.records: list[ObjectRecord] = []
+        self._cache: OrderedDict[SliceKey, tuple[object, int]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+        self._decode_lock = threading.Lock()
+        self._decoder_key: SliceKey | None = None
+        #: number of encoder runs (embeddings computed) by this session
+        self.encoder_runs = 0
+
+    # ------------------------------------------------------------------ slices
+    @property
+    def key(self) -> SliceKey:
+        """The current plane (see :mod:`napari_sam.slicing`)."""
+        return self._key
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        return plane_shape(self.shape, self._key)
+
+    def set_slice(self, key: SliceKey) -> bool:
+        """Make ``key`` the current plane; returns True if it changed."""
+        key = check_key(key, self.shape)
+        if key == self._key:
+            return False
+        self._key = key
+        self._candidates = None
+        self._choice = None
+        self._version += 1
+        return True
+
+    # -------------------------------------------------------------- embeddings
+    def has_embedding(self, key: SliceKey | None = None) -> bool:
+        key = self._key if key is None else key
+        with self._cache_lock:
+            return key in self._cache
+
+    def cached_slices(self) -> list[SliceKey]:
+        with self._cache_lock:
+            return list(self._cache)
+
+    def _cached(self, key):
+        with self._cache_lock:
+            item = self._cache.get(key)
+            if item is None:
+                return None
+            self._cache.move_to_end(key)
+            return item[0]
+
+    def compute_embedding(self, key: SliceKey | None = None):
+        """Compute (or fetch from the cache) the embedding of a plane. Thread-safe.
+
+        Reads only that plane of the image; the encoder runs at most once per plane while
+        the plane stays in the cache.
+        """
+        key = check_key(self._key if key is None else key, self.shape)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        with self._encode_lock:
+            cached = self._cached(key)  # computed by another thread meanwhile
+            if cached is not None:
+                return cached
+            plane = take_plane(self.image, key, self.rgb)
+            if self.rgb and plane.shape[-1] == 4:
+                plane = plane[..., :3]
+            if self.encoder is self.predictor:
+                with self._decode_lock:
+                    self.encoder.set_image(plane)
+                    emb = self.encoder.get_embedding()
+                    self._decoder_key = key
+            else:
+                self.encoder.set_image(plane)
+                emb = self.encoder.get_embedding()
+            self.encoder_runs += 1
+        self._store(key, emb)
+        return emb
+
+    def _store(self, key, emb):
+        size = _nbytes(emb)
+        with self._cache_lock:
+            self._cache[key] = (emb, size)
+            self._cache.move_to_end(key)
+            total = sum(s for _, s in self._cache.values())
+            while total > self.cache_bytes and len(self._cache) > 1:
+                _, (_, s) = self._cache.popitem(last=False)
+                total -= s
+
+    def clear_cache(self) -> None:
+        """Forget all embeddings (e.g. after the image data changed)."""
+        with self._cache_lock:
+            self._cache.clear()
+        with self._decode_lock:
+            self._decoder_key = None
+        self._candidates = None
+        self._version += 1
+
+    # ----------------------------------------------------------------- prompts
+    @property
+    def prompts(self) -> Prompts:
+        """Prompts of the current object on the current plane."""
+        return self._prompts.get(self._key) or Prompts.empty()
+
+    def prompts_on(self, key: SliceKey) -> Prompts:
+        return self._prompts.get(tuple(key)) or Prompts.empty()
+
+    def all_prompts(self) -> dict[SliceKey, Prompts]:
+        """Non-empty prompts of every plane."""
+        return {k: p for k, p in self._prompts.items() if not p.is_empty}
+
+    def _validate(self, points, labels, box, key=None) -> Prompts:
+        h, w = plane_shape(self.shape, self._key if key is None else key)
+        pts = np.asarray(points if points is not None else np.zeros((0, 2)), dtype=np.float64)
+        pts = pts.reshape(-1, 2) if pts.size == 0 else pts
+        if pts.ndim != 2 or pts.shape[1] != 2:
+            raise ValueError(f"points must have shape (N, 2) in (row, col); got {pts.shape}")
+        if not np.all(np.isfinite(pts)):
+            raise ValueError("points contain NaN or infinite coordinates")
+        lab = np.ones(len(pts), dtype=np.int32) if labels is None else np.asarray(labels)
+        lab = lab.astype(np.int32).reshape(-1)
+        if len(lab) != len(pts):
+            raise ValueError(f"got {len(pts)} points but {len(lab)} point labels")
+        if not np.isin(lab, (0, 1)).all():
+            raise ValueError("point labels must be 1 (positive) or 0 (negative)")
+        outside = (
+            (pts[:, 0] < -0.5) | (pts[:, 0] > h - 0.5) | (pts[:, 1] < -0.5) | (pts[:, 1] > w - 0.5)
+        )
+        if outside.any():
+            r, c = pts[np.argmax(outside)]
+            raise ValueError(
+                f"point (row {r:.1f}, col {c:.1f}) is outside the image plane ({h} x {w}); "
+                "place points on the image"
+            )
+        bx = None
+        if box is not None:
+            b = np.asarray(box, dtype=np.float64).reshape(-1)
+            if b.shape != (4,) or not np.all(np.isfinite(b)):
+                raise ValueError(f"box must be 4 finite numbers (r0, c0, r1, c1); got {box!r}")
+            r0, r1 = sorted(b[[0, 2]])
+            c0, c1 = sorted(b[[1, 3]])
+            if r1 <= -0.5 or r0 >= h - 0.5 or c1 <= -0.5 or c0 >= w - 0.5:
+                raise ValueError(
+                    f"box ({r0:.1f}, {c0:.1f})-({r1:.1f}, {c1:.1f}) lies outside the image "
+                    f"plane ({h} x {w}); draw the box on the image"
+                )
+            r0, r1 = np.clip([r0, r1], -0.5, h - 0.5)
+            c0, c1 = np.clip([c0, c1], -0.5, w - 0.5)
+            if r1 - r0 < 1e-6 or c1 - c0 < 1e-6:
+                raise ValueError("the box has zero area; drag a rectangle around the object")
+            bx = np.array([r0, c0, r1, c1])
+        return Prompts(pts.copy(), lab, bx)
+
+    def set_prompts(self, points=None, labels=None, box=None, *, text="edit prompts") -> bool:
+        """Replace the current plane's prompts; returns True if they changed.
+
+        points ``(N, 2) (row, col)``, labels ``(N,)`` 1/0 (default all positive), box
+        ``(r0, c0, r1, c1)`` or None. Raises ``ValueError`` for points outside the plane,
+        a box of zero area or outside the plane (partly outside is clipped).
+        """
+        new = self._validate(points, labels, box)
+        old = self.prompts
+        if new.same_prompts(old):
+            return False
+        new.refine_pending = self.refine and new.extends(old)
+        self._apply_prompts(self._key, new)
+        self._push(_PromptEdit(self._key, old, new, text))
+        return True
+
+    def restore_prompts(self, key: SliceKey, points, labels=None, box=None) -> None:
+        """Set a plane's prompts without an undo entry (e.g. carried over to a new model)."""
+        key = check_key(key, self.shape)
+        self._apply_prompts(key, self._validate(points, labels, box, key))
+
+    def add_point(self, rc, positive: bool = True) -> None:
+        """Add one point ``(row, col)``; positive (1) or negative (0)."""
+        p = self.prompts
+        pts = np.vstack([p.points, np.asarray(rc, dtype=np.float64).reshape(1, 2)])
+        labels = np.append(p.labels, 1 if positive else 0)
+        self.set_prompts(pts, labels, p.box, text="add point")
+
+    def set_box(self, box) -> None:
+        """Set (or with None remove) the box ``(r0, c0, r1, c1)``."""
+        p = self.prompts
+        self.set_prompts(p.points, p.labels, box, text="set box")
+
+    def clear(self) -> bool:
+        """Remove the current plane's prompts (undoable); returns True if any."""
+        if self.prompts.is_empty:
+            return False
+        old = self.prompts
+        new = Prompts.empty()
+        self._apply_prompts(self._key, new)
+        self._push(_PromptEdit(self._key, old, new, "clear prompts"))
+        return True
+
+    def _apply_prompts(self, key, prompts: Prompts):
+        self._prompts[key] = prompts
+        if key == self._key:
+            self._version += 1
+            if prompts.is_empty:
+                self._candidates = None
+                self._choice = None
+
+    # -------------------------------------------------------------- candidates
+    @property
+    def version(self) -> int:
+        """Increases with every change that makes the candidates stale."""
+        return self._version
+
+    @property
+    def candidates(self) -> Candidates | None:
+        """The latest candidates of the current plane (possibly for older prompts)."""
+        c = self._candidates
+        return c if c is not None and c.key == self._key else None
+
+    @property
+    def up_to_date(self) -> bool:
+        """True if the candidates match the current prompts (or there are no prompts)."""
+        if self.prompts.is_empty:
+            return True
+        c = self.candidates
+        return c is not None and c.version == self._version
+
+    @property
+    def selected(self) -> int | None:
+        """Index of the selected candidate (user pick, else highest predicted IoU)."""
+        c = self.candidates
+        if c is None:
+            return None
+        if self._choice is not None:
+            return self._choice
+        return int(np.argmax(c.ious))
+
+    @property
+    def user_choice(self) -> int | None:
+        return self._choice
+
+    def select(self, index: int | None) -> None:
+        """Pick candidate 0, 1 or 2 (None: back to the highest predicted IoU)."""
+        if index is not None and index not in (0, 1, 2):
+            raise ValueError(f"candidate index must be 0, 1 or 2, not {index!r}")
+        self._choice = index
+
+    def prediction_request(self) -> PredictionRequest | None:
+        """The decoder call for the current prompts, or None if nothing is to be done.
+
+        None when the candidates are up to date, there are no prompts (the candidates are
+        then cleared), or the plane's embedding is not computed yet (see
+        :attr:`waiting_for_embedding`).
+        """
+        prompts = self.prompts
+        if prompts.is_empty:
+            self._candidates = None
+            return None
+        if self.up_to_date:
+            return None
+        emb = self._cached(self._key)
+        if emb is None:
+            return None
+        self._resolve_refinement(prompts)
+        pts = lab = None
+        if len(prompts.points):
+            pts = rc_to_xy(prompts.points)
+            lab = prompts.labels.copy()
+        box = box_rc_to_xyxy(prompts.box.reshape(2, 2)) if prompts.box is not None else None
+        mask = prompts.refine.logits if prompts.refine is not None else None
+        return PredictionRequest(self._key, self._version, prompts, emb, pts, lab, box, mask)
+
+    @property
+    def waiting_for_embedding(self) -> bool:
+        """Prompts wait for the current plane's embedding."""
+        return not self.prompts.is_empty and not self.has_embedding()
+
+    def _resolve_refinement(self, prompts: Prompts):
+        if not prompts.refine_pending:
+            return
+        prompts.refine_pending = False
+        c = self.candidates
+        if c is None or not (prompts.extends(c.prompts)):
+            return
+        sel = self.selected
+        prompts.refine = Refinement(c.prompts, sel, c.logits[sel][None].copy())
+
+    def run(self, request: PredictionRequest) -> Candidates:
+        """Run the decoder for a request. Thread-safe; does not change the session."""
+        with self._decode_lock:
+            if self._decoder_key != request.key or self.predictor is self.encoder:
+                # with a shared predictor the encoder may have replaced the embedding
+                self.predictor.set_embedding(request.embedding)
+                self._decoder_key = request.key
+            masks, ious, logits = self.predictor.predict(
+                point_coords=request.points_xy,
+                point_labels=request.point_labels,
+                box=request.box_xyxy,
+                mask_input=request.mask_input,
+                multimask_output=True,
+            )
+        return Candidates(
+            request.key,
+            request.version,
+            request.prompts,
+            np.asarray(masks).astype(bool, copy=False),
+            np.asarray(ious, dtype=np.float32),
+            np.asarray(logits, dtype=np.float32),
+        )
+
+    def apply(self, candidates: Candidates) -> bool:
+        """Show decoder results if they belong to the current plane; True if applied.
+
+        Results for older prompts of the current plane are shown too (the newest request
+        replaces them), results for another plane or image are dropped.
+        """
+        if candidates.key != self._key or self.prompts.is_empty:
+            return False
+        cur = self.candidates
+        if cur is not None and cur.version > candidates.version:
+            return False
+        self._candidates = candidates
+        return True
+
+    def update(self) -> Candidates | None:
+        """Synchronous: compute the embedding if needed, decode, apply; the candidates."""
+        if self.prompts.is_empty:
+            self._candidates = None
+            return None
+        if not self.up_to_date:
+            self.compute_embedding()
+            req = self.prediction_request()
+            if req is not None:
+                self.apply(self.run(req))
+        return self.candidates
+
+    # ------------------------------------------------------------------ commit
+    @property
+    def next_id(self) -> int:
+        return self._next_id
+
+    def commit(self, label_id: int | None = None, overlap: str | None = None) -> ObjectRecord:
+        """Write the selected candidate into :attr:`labels`; see the module docstring.
+
+        Brings the candidates up to date first (a synchronous decoder call if a worker has
+        not delivered yet). Raises ``ValueError`` when there is nothing to commit.
+        """
+        overlap = _check_overlap(overlap or self.overlap)
+        if self.prompts.is_empty:
+            raise ValueError("nothing to commit: add a point or draw a box first")
+        if self.waiting_for_embedding:
+            raise ValueError(
+                "the embedding of this slice is still being computed; commit when it is ready"
+            )
+        cands = self.update()
+        sel = self.selected
+        new_id = self._next_id if label_id is None else _check_id(label_id, self.labels.dtype)
+        if label_id is None:
+            _check_id(new_id, self.labels.dtype)
+        mask = cands.masks[sel]
+        view = self.labels[plane_index(self._key)]
+        target = mask & (view != new_id)
+        if overlap == "keep":
+            target &= view == 0
+        rows, cols = np.nonzero(target)
+        if len(rows) == 0 and not (mask & (view == new_id)).any():
+            raise ValueError(
+                "the selected candidate is empty, or lies entirely on committed objects "
+                "(overlap rule 'keep'): nothing committed. Pick another candidate, or "
+                "commit with overlap 'overwrite'."
+            )
+        old = view[rows, cols].copy()
+        view[rows, cols] = new_id
+        prompts = self.prompts
+        record = ObjectRecord(
+            label_id=int(new_id),
+            slice_key=self._key,
+            points=prompts.points.copy(),
+            point_labels=prompts.labels.copy(),
+            box=None if prompts.box is None else prompts.box.copy(),
+            candidate=int(sel),
+            predicted_iou=float(cands.ious[sel]),
+            model=self.model_name,
+            overlap=overlap,
+            n_pixels=int(mask.sum()),
+            steps=_chain(prompts, sel),
+        )
+        before = self._next_id
+        self._next_id = max(self._next_id, int(new_id) + 1)
+        action = _Commit(
+            self._key,
+            rows.astype(np.int32),
+            cols.astype(np.int32),
+            old,
+            int(new_id),
+            prompts,
+            self._choice,
+            before,
+            self._next_id,
+            record,
+            f"commit object {new_id}",
+        )
+        self.records.append(record)
+        self._prompts[self._key] = Prompts.empty()
+        self._candidates = None
+        self._choice = None
+        self._version += 1
+        self._push(action)
+        return record
+
+    def replay(self, record: ObjectRecord) -> np.ndarray:
+        """Re-run a record's prompt chain on its slice; the ``(H, W) bool`` mask it gives.
+
+        With the same model this reproduces the committed candidate.
+        """
+        logits = None
+        masks = None
+        for step in record.steps:
+            embedding = self.compute_embedding(record.slice_key)
+            req = PredictionRequest(
+                tuple(record.slice_key),
+                -1,
+                Prompts(step.points, step.labels, step.box),
+                embedding,
+                rc_to_xy(step.points) if len(step.points) else None,
+                step.labels if len(step.points) else None,
+                box_rc_to_xyxy(step.box.reshape(2, 2)) if step.box is not None else None,
+                logits if step.uses_previous else None,
+            )
+            out = self.run(req)
+            masks = out.masks
+            logits = out.logits[step.candidate][None]
+        if masks is None:
+            raise ValueError("the record has no prompts to replay")
+        return masks[record.steps[-1].candidate]
+
+    # ------------------------------------------------------------- undo / redo
+    def _push(self, action):
+        self._undo.append(action)
+        self._redo.clear()
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def undo(self) -> str | None:
+        """Undo the latest prompt edit or commit; its description, or None if none."""
+        if not self._undo:
+            return None
+        action = self._undo.pop()
+        if isinstance(action, _PromptEdit):
+            self._apply_prompts(action.key, action.before)
+        else:
+            view = self.labels[plane_index(action.key)]
+            view[action.rows, action.cols] = action.old
+            self._next_id = action.next_id_before
+            self.records.remove(action.record)
+            self._apply_prompts(action.key, action.prompts)
+            if action.key == self._key:
+                self._choice = action.choice
+        self._redo.append(action)
+        return action.text
+
+    def redo(self) -> str | None:
+        """Redo the latest undone action; its description, or None if none."""
+        if not self._redo:
+            return None
+        action = self._redo.pop()
+        if isinstance(action, _PromptEdit):
+            self._apply_prompts(action.key, action.after)
+        else:
+            view = self.labels[plane_index(action.key)]
+            view[action.rows, action.cols] = action.label_id
+            self._next_id = action.next_id_after
+            self.records.append(action.record)
+            self._apply_prompts(action.key, Prompts.empty())
+        self._undo.append(action)
+        return action.text
+
+    def changed_slices(self) -> set:
+        """Planes touched by the undo/redo history (for a GUI to refresh)."""
+        return {a.key for a in (*self._undo, *self._redo)}
+
+
+def to_session_object(record: ObjectRecord):
+    """The :class:`napari_sam.io.session.ObjectRecord` of a commit: one ``PromptRecord``
+    per step of its refinement chain (same order, candidate and ``use_previous_mask``),
+    so that ``io.session.replay`` reproduces the committed mask with the same model."""
+    from napari_sam.io.session import ObjectRecord as SessionObject
+    from napari_sam.io.session import PromptRecord
+
+    sliced = [(axis, k) for axis, k in enumerate(record.slice_key) if k is not None]
+    axis, index = sliced[0] if sliced else (0, None)
+    prompts = [
+        PromptRecord(
+            points=[tuple(p) for p in s.points],
+            point_labels=list(s.labels),
+            box=None if s.box is None else tuple(s.box),
+            slice_index=index,
+            axis=axis,
+            candidate=s.candidate,
+            multimask=True,
+            use_previous_mask=s.uses_previous,
+        )
+        for s in record.steps
+    ]
+    return SessionObject(
+        record.label_id,
+        prompts,
+        model=record.model or None,
+        extra={"overlap": record.overlap, "predicted_iou": record.predicted_iou},
+    )
+
+
+def _chain(prompts: Prompts, candidate: int) -> list[PromptStep]:
+    steps = []
+    p, cand = prompts, candidate
+    while p is not None:
+        uses = p.refine is not None
+        box = None if p.box is None else p.box.copy()
+        steps.append(PromptStep(p.points.copy(), p.labels.copy(), box, int(cand), uses))
+        if not uses:
+            break
+        p, cand = p.refine.parent, p.refine.candidate
+    return steps[::-1]
+
+
+def _check_overlap(overlap: str) -> str:
+    if overlap not in OVERLAP_RULES:
+        raise ValueError(f"overlap must be one of {OVERLAP_RULES}, not {overlap!r}")
+    return overlap
+
+
+def _check_id(label_id, dtype) -> int:
+    if isinstance(label_id, bool) or not isinstance(label_id, int | np.integer):
+        raise TypeError(f"label id must be an integer, not {label_id!r}")
+    label_id = int(label_id)
+    hi = int(np.iinfo(dtype).max)
+    if not 1 <= label_id <= hi:
+        raise ValueError(
+            f"label id {label_id} is out of range for labels of dtype {np.dtype(dtype)} "
+            f"(1..{hi}); choose a smaller id or a wider labels dtype"
+        )
+    return label_id
