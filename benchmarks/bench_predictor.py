@@ -280,11 +280,11 @@ def mem_table(mrows) -> str:
 
 def ratios(rows) -> list[str]:
     out = []
-    med = {(r[0], r[1], r[2]): (r[3], r[6]) for r in rows}
-    for (name, who, step), (v, c) in med.items():
+    med = {(r[0], r[1], r[2]): (r[3], r[4], r[6]) for r in rows}
+    for (name, who, step), (v, lo, c) in med.items():
         if who.startswith("ours") and (name, "official", step) in med:
-            rv, rc = med[(name, "official", step)]
-            line = f"{name} {step}: {who} / official = {v / rv:.2f} (wall)"
+            rv, rlo, rc = med[(name, "official", step)]
+            line = f"{name} {step}: {who} / official = {v / rv:.2f} (wall), {lo / rlo:.2f} (min)"
             if c is not None and rc:
                 line += f", {c / rc:.2f} (CPU)"
             out.append(line)

@@ -24,8 +24,13 @@ operations for ``heads * T = 56`` vs ``D = 128``, and none of the (hw, D) interm
 tensors, head splits or copies. The results equal the reference up to float rounding
 (checked in tests/core/test_predictor.py against the model's own ``mask_decoder``).
 
+Two more savings: without a mask prompt the first block's image tokens are the same at
+every click, so its image-side projections are made once per image (:func:`prepare`);
+and large scratch tensors are reused from call to call (:class:`Workspace`). The 2 x 2
+stride-2 transposed convolutions of the output upscaling run as channels-last matmuls.
+
 Everything acting on tokens only (self-attention, MLPs, layer norms, hypernetworks, IoU
-head) and the upscaling convolutions run through the model's own modules. The fast path is
+head) runs through the model's own modules. The fast path is
 used when the decoder has the structure of SAM's ``MaskDecoder`` + ``TwoWayTransformer``
 (module names as in segment-anything; napari_sam.model keeps them) and when
 ``heads * T < D``; otherwise :func:`decode` calls ``mask_decoder`` itself.
