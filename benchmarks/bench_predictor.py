@@ -217,8 +217,8 @@ def bench_masks(args, rows) -> None:
                     timed(lambda h=h, w=w, inp=inp: upsample_binary(low, inp, (h, w), 1024))[0]
                 )
                 t_r.append(timed(lambda h=h, w=w, inp=inp: post(_S, low, inp, (h, w)) > 0)[0])
-        rows.append(("-", "official", f"masks only {h}x{w}", *stats(t_r)))
-        rows.append(("-", "ours", f"masks only {h}x{w}", *stats(t_o)))
+        rows.append(("any", "official", f"masks only {h}x{w}", *stats(t_r)))
+        rows.append(("any", "ours", f"masks only {h}x{w}", *stats(t_o)))
 
 
 def memory_child(name: str, who: str, size: int) -> None:
@@ -308,12 +308,14 @@ def machine() -> str:
     )
 
 
-def write_docs(text: str) -> None:
-    section = f"{START}\n{text}\n{END}"
+def write_docs(text: str, tag: str = "") -> None:
+    """Replace the section between this run's markers in docs/performance.md."""
+    start, end = (START, END) if not tag else (m.replace(":", f":{tag}:", 1) for m in (START, END))
+    section = f"{start}\n{text}\n{end}"
     if DOC.exists():
         doc = DOC.read_text()
-        if START in doc and END in doc:
-            doc = doc[: doc.index(START)] + section + doc[doc.index(END) + len(END) :]
+        if start in doc and end in doc:
+            doc = doc[: doc.index(start)] + section + doc[doc.index(end) + len(end) :]
         else:
             doc = doc.rstrip() + "\n\n" + section + "\n"
     else:
@@ -346,7 +348,7 @@ def main(argv=None) -> int:
         bench_model(name, args, rows, notes)
     bench_masks(args, rows)
     whos = ["official", "ours"] + (["ours bf16-enc"] if args.bf16 else [])
-    done = sorted({r[0] for r in rows}, key=args.models.index)
+    done = [m for m in args.models if any(r[0] == m for r in rows)]
     mrows = [] if args.no_memory else memory_rows(done, whos, args.size, args.threads)
     wall = time.perf_counter() - t0
     load1 = os.getloadavg()
@@ -385,7 +387,7 @@ def main(argv=None) -> int:
     )
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_docs(text, f"threads{args.threads}" if args.threads else "")
         print(f"\nwrote {DOC}")
     return 0
 

@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("napari_sam.io.export_cmd", "convert labels between TIFF, zarr and OME-Zarr"),
     "train": ("napari_sam._cli_train", "train or fine-tune a SAM model with simulated prompts"),
     "demo": ("napari_sam._cli_demo", "open napari with a sample image and the SAM annotator"),
+    "segment-all": (
+        "napari_sam._cli_segment_all",
+        "automatic instance segmentation of an image or a stack",
+    ),
 }
 
 
