@@ -199,7 +199,8 @@ def table(rows) -> list[str]:
         out.append(
             f"| {r['model']} | {r['size']} x {r['size']} | {r['canvas']} | {r['mode']} | "
             f"{r['median']:.0f} | "
-            f"{r['p90']:.0f} | {r['decode']:.0f} | {r['layers']:.0f} | {r['draw']:.0f} | "
+            f"{r['p90']:.0f} | {r['decode']:.0f} | {r['layers']:.0f} | "
+            f"{'-' if r['draw'] != r['draw'] else format(r['draw'], '.0f')} | "
             f"{r['predict_only']:.0f} |"
         )
     return out
