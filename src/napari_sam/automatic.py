@@ -558,8 +558,9 @@ def segment_volume(
     objects spanning fewer than ``stitch.min_z_extent`` slices are dropped.
 
     volume: any array indexable by z (numpy, dask, zarr); slices are read one at a time.
-    embeddings: optional callable ``z -> embedding`` (e.g. an embedding store) returning an
-    object with ``features`` (1, C, h, w), ``input_size`` and ``original_size``; when given,
+    embeddings: optional callable ``z -> embedding`` returning an object with ``features``
+    (1, C, h, w), ``input_size`` and ``original_size``, e.g.
+    ``napari_sam.embeddings.EmbeddingStore(volume, predictor).get``; when given,
     the image encoder is not run (crop layers still need it). progress(done, total) is
     called once per slice.
     """

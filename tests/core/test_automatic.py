@@ -181,6 +181,19 @@ class _Stack:
         return self.rgb[z]
 
 
+def test_volume_from_embedding_store(predictor):
+    """The volume helper's EmbeddingStore plugs in as the embeddings callable."""
+    from napari_sam.embeddings import EmbeddingStore
+
+    vol, _ = _blobs((3, 64, 64), 3, seed=6, radius=(8, 14))
+    p = AutomaticParams(points_per_side=4, **PERMISSIVE)
+    st = StitchParams(min_z_extent=1)
+    store = EmbeddingStore(vol, predictor, dtype="float32")
+    a = segment_volume(vol, predictor, p, stitch=st, embeddings=store.get)
+    b = segment_volume(vol, predictor, p, stitch=st)
+    assert a.max() > 0 and (a == b).all()
+
+
 def test_bad_input_errors(predictor, scene):
     img, _ = scene
     with pytest.raises(ValueError, match="segment_volume"):
