@@ -138,7 +138,7 @@ def main():
     else:
         enc, dec, label = make_predictors(args.model)
         trajs = collect(enc, dec, args.volumes, args.shape, prompts=_prompts(args.prompts))
-        label += f"; prompts {_prompts(args.prompts)}"
+        label += f"; prompts: {args.prompts or 'defaults'}"
     if args.save:
         with open(args.save, "wb") as fh:
             pickle.dump((label, trajs), fh)

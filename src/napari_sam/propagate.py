@@ -190,26 +190,31 @@ class StopCriteria:
 class PromptOptions:
     """Prompts derived from the previous slice.
 
-    box: prompt with the previous mask's bounding box, grown by ``box_margin`` (fraction of
-    its side, on each side) plus ``box_margin_px`` pixels. mask_prompt: feed the previous
-    low-res logits as mask_input.
+    mask_prompt: feed the previous low-res logits as mask_input (the dense prompt).
+    box: also prompt with the previous mask's bounding box, grown by ``box_margin``
+    (fraction of its side, on each side) plus ``box_margin_px`` pixels.
     n_positive: positive points at the most interior pixels of the previous mask.
     negatives_from_others: negative points at the interior of other objects' previous
     masks that fall inside this object's box (makes batched objects depend on each other).
-    multimask: ask SAM for 3 masks and keep the one with the highest predicted IoU
-    (default: SAM's single-mask output, meant for unambiguous prompts such as a box).
+    multimask: ask SAM for 3 masks and keep the one with the highest predicted IoU (else
+    SAM's single-mask output).
     anchor_logit_scale: logit magnitude for a binary anchor mask turned into mask_input.
     mask_prompt_scale: factor on the previous logits before they become mask_input (< 1
     weakens the pull of the previous slice's mask against the image evidence).
+
+    Defaults (mask prompt only, best of 3) were measured against box + mask prompt with
+    ``benchmarks/bench_stop_rules.py`` (docs/volumes.md): with the default model they give
+    a higher 3D Dice and, without stop rules, far less run-away growth (a box grown by a
+    margin on every slice lets masks fill the box and widen slice after slice).
     """
 
-    box: bool = True
+    box: bool = False
     box_margin: float = 0.1
     box_margin_px: float = 2.0
     mask_prompt: bool = True
     n_positive: int = 0
     negatives_from_others: bool = False
-    multimask: bool = False
+    multimask: bool = True
     anchor_logit_scale: float = 8.0
     mask_prompt_scale: float = 1.0
 

@@ -141,7 +141,7 @@ def test_batches_objects_in_one_decode_per_slice(volume, predictor, warm_store):
     original = decoder.predict_torch
 
     def spy(*args, **kwargs):
-        calls.append(kwargs["boxes"].shape[0])
+        calls.append(kwargs["mask_input"].shape[0])
         return original(*args, **kwargs)
 
     decoder.predict_torch = spy
@@ -334,10 +334,12 @@ def test_prompt_helpers_geometry(predictor):
 
 def test_options_with_points_and_negatives_run(volume, predictor, warm_store):
     state = _state(volume, [(1, 8), (2, 8)])
-    opts = PromptOptions(n_positive=2, negatives_from_others=True, multimask=True)
+    opts = PromptOptions(box=True, n_positive=2, negatives_from_others=True, multimask=False)
     steps = list(propagate(warm_store, twin_predictor(predictor), state,
                            criteria=WALK, prompts=opts))  # fmt: skip
     assert {s.z for s in steps if s.accepted} == set(range(16)) - {8}
+    with pytest.raises(ValueError, match="no prompt"):
+        PromptOptions(box=False, mask_prompt=False)
 
 
 def test_bad_input(volume, predictor, warm_store):
@@ -370,32 +372,39 @@ def _dice(a, b):
     return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
 
 
-@pytest.mark.parametrize("kind", ["ellipsoid", "tube"])
+@pytest.mark.parametrize("kind", ["nuclei", "tubes"])
 def test_default_model_reaches_3d_dice_and_stops_at_object_end(kind):
+    """Synthetic stacks with known extent (not used for training); one anchor per object."""
     import napari_sam
+    from napari_sam.train.synthetic import make_volume
 
     model = _default_model()
-    shape = (32, 96, 96)
-    if kind == "ellipsoid":
-        img, gt = ellipsoid_volume(shape=shape, center=(16, 48, 44), radii=(9, 24, 20))
-    else:
-        img, gt = tube_volume(shape=shape, radius=12)
-        gt[:6] = False  # a tube that starts and ends inside the stack
-        gt[26:] = False
-        img = np.where(gt, img, 0.15 + 0.05 * np.random.default_rng(1).standard_normal(shape))
-        img = img.astype(np.float32)
-    zs = np.flatnonzero(gt.any(axis=(1, 2)))
-    mid = int(zs[len(zs) // 2])
-    store = EmbeddingStore(img, napari_sam.SamPredictor(model))
-    state = PropagationState(shape[0], shape[1:])
-    state.add_anchor(1, mid, gt[mid])
-    with torch.inference_mode():
-        list(propagate(store, napari_sam.SamPredictor(model), state))
-    seg = state.object_volume(1)
-    assert _dice(seg, gt) > 0.8
-    got = np.flatnonzero(seg.any(axis=(1, 2)))
-    assert abs(int(got.min()) - int(zs.min())) <= 2
-    assert abs(int(got.max()) - int(zs.max())) <= 2
+    img, lab = make_volume(2_100_000, shape=(24, 128, 128), kind=kind)
+    objects = []
+    for i in np.unique(lab)[1:]:
+        zs = np.flatnonzero((lab == i).any(axis=(1, 2)))
+        if zs.size >= 5 and (lab == i).sum() >= 500:
+            objects.append((int(i), zs))
+    objects = objects[:4]
+    assert len(objects) >= 2, "the synthetic stack should hold several objects"
+    state = PropagationState(*img.shape[:1], img.shape[1:])
+    for i, zs in objects:
+        mid = int(zs[len(zs) // 2])
+        state.add_anchor(i, mid, lab[mid] == i)
+    store = EmbeddingStore(img, napari_sam.SamPredictor(model, cache_bytes=0))
+    list(propagate(store, napari_sam.SamPredictor(model), state))
+    dice, errors = [], []
+    for i, zs in objects:
+        seg, gt = state.object_volume(i), lab == i
+        dice.append(_dice(seg, gt))
+        got = np.flatnonzero(seg.any(axis=(1, 2)))
+        errors += [abs(int(got[0]) - int(zs[0])), abs(int(got[-1]) - int(zs[-1]))]
+        # Fronts end on evidence from the image, not by running into the stack's ends.
+        reasons = {r for _, r in state.stop_reasons(i).values()}
+        assert StopReason.RANGE not in reasons or zs[0] == 0 or zs[-1] == 23
+    # Measured with the bundled model: Dice 0.70-0.92 per object, ends within 0-3 slices.
+    assert np.mean(dice) >= 0.75, dice
+    assert np.mean(errors) <= 2.0 and max(errors) <= 4, errors
 
 
 def test_embedding_contrast_measures_object_against_surroundings(predictor):
