@@ -341,3 +341,41 @@ def test_scrolling_skips_stale_slices_and_commit_waits_for_the_decoder(open_widg
     assert "as soon as" in w.status_text and not w.objects_layer.data[4].any()
     wait_idle(qtbot, w)
     assert w.objects_layer.data[4].any() and ann.prompts.is_empty
+
+
+def test_cheap_decoder_calls_run_inline_after_two_measured_in_the_worker(
+    open_widget, qtbot, models, monkeypatch
+):
+    img = blob_image((64, 96))
+    viewer, w = open_widget(img)
+    threads = []
+    run = w.annotator.run
+
+    def spy(req):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return run(req)
+
+    monkeypatch.setattr(w.annotator, "run", spy)
+    for i in range(4):
+        w.points_layer.add([[20 + 8 * i, 30 + 10 * i]])
+        wait_idle(qtbot, w)
+    # no measurement yet for the first two calls: worker; then the tiny decoder's measured
+    # cost (a few ms of CPU) is under the budget: Qt thread, same masks as the predictor
+    assert threads == [False, False, True, True]
+    assert len(w._decode_ms) == 4 and max(w._decode_ms) < w.inline_decode_ms
+    assert w.annotator.up_to_date
+    ann = w.annotator
+    masks, _, _ = reference(
+        models(0),
+        img,
+        point_coords=ann.prompts.points[:, ::-1].astype(float),
+        point_labels=ann.prompts.labels,
+        mask_input=ann.prompts.refine.logits,
+    )
+    np.testing.assert_array_equal(masks_of(w), masks)
+    # a budget of 0 (or a decoder slower than the budget) keeps every call in the worker
+    threads.clear()
+    w.inline_decode_ms = 0.0
+    w.points_layer.add([[50, 80]])
+    wait_idle(qtbot, w)
+    assert threads == [False]

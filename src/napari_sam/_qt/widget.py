@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -67,6 +69,12 @@ CONTRASTS = {
 class SamWidget(QWidget):
     """Interactive SAM annotation of the current 2D slice of an image layer.
 
+    Decoder calls cheaper than :attr:`inline_decode_ms` (median CPU time of the last few)
+    run on the Qt thread when no other torch work is under way: handing them to the worker
+    thread cost more than the call itself (the hop waits for the GIL and for napari's
+    redraw of the new point; docs/performance.md). Slower calls (large slices, big models)
+    and the first call on a slice size always run in the worker.
+
     Parameters
     ----------
     napari_viewer
@@ -77,6 +85,11 @@ class SamWidget(QWidget):
         Run encoder/decoder in worker threads (default; ``NAPARI_SAM_NO_THREADS=1`` or
         False runs them inline, for debugging).
     """
+
+    #: budget (ms, the interaction target) under which decoder calls run on the Qt thread;
+    #: 0 disables
+    #: (``NAPARI_SAM_INLINE_DECODE_MS`` overrides)
+    inline_decode_ms: float = 50.0
 
     def __init__(
         self,
@@ -107,6 +120,11 @@ class SamWidget(QWidget):
         self._syncing = False
         self._negative_click = False
         self._connections: list = []
+        self._decode_ms: deque = deque(maxlen=5)  # recent decoder calls of this session
+        with contextlib.suppress(ValueError):
+            self.inline_decode_ms = float(
+                os.environ.get("NAPARI_SAM_INLINE_DECODE_MS", self.inline_decode_ms)
+            )
         self._build_ui()
         # layer-list thumbnails of the candidate layers, refreshed once clicks pause
         self._thumbnails = QTimer(self)
@@ -445,6 +463,7 @@ class SamWidget(QWidget):
         from napari_sam.annotator import Annotator
 
         carried, self._carried = self._carried, {}
+        self._decode_ms.clear()  # a new image or model: decoder cost measured again
         if layer is not self.image_layer:
             carried = {}
             self._teardown(keep_layers=False)
@@ -696,9 +715,28 @@ class SamWidget(QWidget):
             if req is None:
                 self._show_candidates()
                 return None
-            return partial(ann.run, req)
+            return partial(self._timed_run, ann, req)
 
-        self._decoder_jobs.submit(prepare, partial(self._on_decoded, ann), self._on_worker_error)
+        self._decoder_jobs.submit(
+            prepare,
+            partial(self._on_decoded, ann),
+            self._on_worker_error,
+            inline=self._decode_inline(),
+        )
+
+    def _timed_run(self, ann, req):
+        # CPU time of the calling thread: what the call costs, whatever else the machine
+        # (or the Qt thread, while it redraws) is doing
+        t = time.thread_time()
+        out = ann.run(req)
+        self._decode_ms.append(1e3 * (time.thread_time() - t))
+        return out
+
+    def _decode_inline(self) -> bool:
+        """Run the next decoder call on the Qt thread (see :attr:`inline_decode_ms`)?"""
+        if len(self._decode_ms) < 2 or self._loader_jobs.busy or self._encoder_jobs.busy:
+            return False
+        return float(np.median(self._decode_ms)) < self.inline_decode_ms
 
     def _on_decoded(self, ann, candidates):
         if ann is not self.annotator:

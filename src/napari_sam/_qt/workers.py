@@ -51,12 +51,13 @@ class LatestWins:
         """A job runs or waits."""
         return self._running or self._pending is not None
 
-    def submit(self, prepare, done, error=None, desc: str = "") -> None:
+    def submit(self, prepare, done, error=None, desc: str = "", inline: bool = False) -> None:
         """Queue a job; it replaces any job still waiting.
 
         ``prepare()`` runs on the Qt thread when the job starts and returns the callable
         for the worker (or None to skip the job); ``done(result)`` and ``error(exc)`` run
-        on the Qt thread.
+        on the Qt thread. ``inline``: when no job runs, run this one at once on the calling
+        thread (for work cheaper than a thread hop, see ``SamWidget.inline_decode_ms``).
         """
         if self.closed:
             return
@@ -64,7 +65,7 @@ class LatestWins:
         if self._running:
             self._pending = job
             return
-        self._start(job)
+        self._start(job, inline=inline)
 
     def cancel_pending(self) -> None:
         """Drop the waiting job (the running one finishes; its ``done`` still runs)."""
@@ -75,7 +76,7 @@ class LatestWins:
         self.closed = True
         self._pending = None
 
-    def _start(self, job: _Job) -> None:
+    def _start(self, job: _Job, inline: bool = False) -> None:
         try:
             work = job.prepare()
         except Exception as e:  # noqa: BLE001 - reported through the job's error callback
@@ -85,7 +86,7 @@ class LatestWins:
             self._next()
             return
         self._running = True
-        if not self.threaded:
+        if inline or not self.threaded:
             try:
                 result = work()
             except Exception as e:  # noqa: BLE001
