@@ -43,7 +43,7 @@ def test_import_is_light():
 def test_sample_data_shapes():
     from napari_sam._sample_data import sample_cells_2d, sample_cells_3d
 
-    (img2, meta2, kind2), = sample_cells_2d()
-    (img3, meta3, kind3), = sample_cells_3d()
+    ((img2, meta2, kind2),) = sample_cells_2d()
+    ((img3, meta3, kind3),) = sample_cells_3d()
     assert img2.ndim == 2 and img3.ndim == 3 and kind2 == kind3 == "image"
     assert img2.std() > 0 and img3.std() > 0
