@@ -195,12 +195,12 @@ def _bundled_choices() -> list[ModelChoice]:
 
 
 def default_choices() -> list[ModelChoice]:
-    """The model list: the bundled default model, cached registry models, your models,
-    then downloads, then untrained test models."""
+    """The model list: official models already downloaded (stronger than the bundled one),
+    the bundled default model, your models, then downloads, then untrained test models."""
     reg = _registry_choices()
     cached = [c for c in reg if not c.needs_download]
     remote = [c for c in reg if c.needs_download]
-    return [*_bundled_choices(), *cached, *_user_choices(), *remote, *_untrained_choices()]
+    return [*cached, *_bundled_choices(), *_user_choices(), *remote, *_untrained_choices()]
 
 
 def preferred_index(choices: list[ModelChoice]) -> int | None:

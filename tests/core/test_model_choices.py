@@ -13,3 +13,20 @@ def test_bundled_default_is_offered_and_preferred_without_cached_models(tmp_path
     assert chosen.key == "default" and chosen.trained and not chosen.needs_download
     model = chosen.load("cpu")
     assert type(model.image_encoder).__name__ == "SmallEncoder"
+
+
+def test_a_downloaded_official_model_comes_first(tmp_path, monkeypatch):
+    from napari_sam.model import registry
+
+    monkeypatch.setenv("NAPARI_SAM_CACHE", str(tmp_path))
+    path = registry.cached_path("vit_b")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"placeholder: only its presence is listed, nothing is loaded")
+    choices = default_choices()
+    keys = [c.key for c in choices]
+    assert keys.index("vit_b") < keys.index("default")
+    chosen = choices[preferred_index(choices)]
+    assert chosen.key == "vit_b" and not chosen.needs_download
+    assert "cached" in chosen.label
+    # the others still need a download and come after the bundled model
+    assert keys.index("default") < keys.index("vit_h")
