@@ -807,9 +807,9 @@ class Annotator:
         out = set()
         for r in self.records:
             key = tuple(r.slice_key)
-            if r.label_id == label_id and len(key) > axis and key[axis] is not None:
-                if sum(k is not None for k in key) == 1:
-                    out.add(int(key[axis]))
+            on_axis = len(key) > axis and key[axis] is not None
+            if r.label_id == label_id and on_axis and sum(k is not None for k in key) == 1:
+                out.add(int(key[axis]))
         return sorted(out)
 
     # ------------------------------------------------------------- undo / redo

@@ -167,7 +167,7 @@ def anchor_state(labels: np.ndarray, axis: int, obj_id: int, slices) -> Propagat
     n = labels.shape[axis]
     shape = tuple(s for i, s in enumerate(labels.shape) if i != axis)
     state = PropagationState(n, shape)
-    for z in sorted(set(int(z) for z in slices)):
+    for z in sorted({int(z) for z in slices}):
         mask = plane_of(labels, axis, z) == obj_id
         if mask.any():
             state.add_anchor(obj_id, z, mask)
@@ -185,4 +185,4 @@ def stale_slices(previous, state: PropagationState, obj_id: int) -> list[int]:
     complete re-propagation they lose the object, so that it is exactly anchors + result.
     """
     now = set(state.object_slices(obj_id)) if obj_id in state.objects else set()
-    return sorted(set(int(z) for z in previous) - now)
+    return sorted({int(z) for z in previous} - now)

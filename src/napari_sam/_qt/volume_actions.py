@@ -12,11 +12,13 @@ Rules (also in docs/usage.md):
 
 - **Which object.** Shift-S propagates the object of the current slice: if the slice has
   prompts, the selected candidate is committed first (as with C) and that object is
-  propagated; otherwise the object committed last on this slice. No commit on this slice:
-  a message says to commit first.
-- **Anchors.** Every slice along the slice axis where the user committed that object
-  (and did not undo it) is an anchor: propagation starts from all of them, fills between
-  them and never writes on them. The object's pixels there are the anchor masks.
+  propagated; otherwise the object chosen under "Object id" if it has pixels on this
+  slice (e.g. painted by hand, or committed before a model change), else the object
+  committed last on this slice. Nothing of that kind: a message says what to do.
+- **Anchors.** The current slice and every slice along the slice axis where the user
+  committed that object (and did not undo it) are anchors: propagation starts from all
+  of them, fills between them and never writes on them. The object's pixels there are
+  the anchor masks (a commit with the id of an existing object adds to its pixels).
 - **Writing.** Results go into the committed-objects layer under the object's id as they
   come; other objects' pixels are never taken (overlap "keep"). After a complete run, the
   slices an earlier propagation of the same object had written but this run does not
@@ -183,14 +185,21 @@ class VolumeActions:
             self._propagate_after_commit = True
             self.commit()
             return
+        store, z = self._store_for(key)
+        chosen = self.label_id.value()
         record = ann.last_commit_on(key)
-        if record is None:
+        if chosen and (plane_of(ann.labels, store.axis, z) == chosen).any():
+            obj_id = chosen
+        elif record is not None:
+            obj_id = record.label_id
+        else:
             self._set_status(
                 "nothing to propagate on this slice: add prompts for the object (or commit "
-                "it with C), then press Shift-S"
+                "it with C), or choose an object of this slice under Object id, then "
+                "press Shift-S"
             )
             return
-        self._start_propagation(key, record.label_id)
+        self._start_propagation(key, obj_id)
 
     def _after_commit(self, ok: bool) -> None:
         """Called by commit(): run a propagation that waited for it."""
@@ -210,7 +219,8 @@ class VolumeActions:
             self._set_status("cannot propagate: the objects layer is not an in-memory array")
             return
         try:
-            state = anchor_state(labels, axis, obj_id, ann.committed_slices(obj_id, axis))
+            slices = [z, *ann.committed_slices(obj_id, axis)]
+            state = anchor_state(labels, axis, obj_id, slices)
         except ValueError as e:
             self._set_status(str(e))
             return
