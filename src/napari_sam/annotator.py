@@ -30,6 +30,12 @@ Rules (also in docs/usage.md):
 - **Undo/redo** covers prompt edits and commits in one history (newest first). A commit
   stores only the pixels it changed (their indices and old values); undoing it restores
   them and brings back the object's prompts. Any new edit clears the redo history.
+  Edits made outside the annotator (a propagation run written into the labels) join the
+  same history through :meth:`Annotator.push_edit`.
+- **Embeddings** are cached per plane in the session; for a 3D stack an attached
+  :class:`~napari_sam.embeddings.EmbeddingStore` (:meth:`Annotator.attach_store`) serves
+  the planes along its axis instead, so that propagation, a precompute and the session
+  share them.
 
 Threads: :meth:`Annotator.compute_embedding` and :meth:`Annotator.run` may run in worker
 threads (the encoder and the decoder each sit behind a lock); everything else belongs to
