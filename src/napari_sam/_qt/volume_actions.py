@@ -58,6 +58,9 @@ class VolumeActions:
         self._propagate_after_commit = False
         self._after_job = None  # "undo" / "redo" requested during a run
         self._precompute = None  # (worker or None, threading.Event)
+        # what to stop if the widget is deleted while work runs (no reference to self)
+        self._volume_cancels: dict = {}
+        self.destroyed.connect(partial(_cancel_all, self._volume_cancels))
         self.propagate_button = QPushButton("Propagate (Shift-S)")
         self.propagate_button.setToolTip(
             "Propagate the object of this slice through the stack along the slice axis"
@@ -127,17 +130,21 @@ class VolumeActions:
         from napari_sam.embeddings import EmbeddingStore
 
         choice, _, contrast = self._volume_model
-        store = EmbeddingStore(
-            data,
-            ann.encoder,
-            axis=sliced[0],
-            dtype="float32",  # exactly the encoder's output: same candidates as before
-            cache_bytes=STORE_BYTES,
-            model_name=choice.key,
-            weights_hash="in-memory",  # never written to disk: no signature check
-            preprocess_key=repr(contrast),
-        )
-        ann.attach_store(store)
+        try:
+            store = EmbeddingStore(
+                data,
+                ann.encoder,
+                axis=sliced[0],
+                dtype="float32",  # exactly the encoder's output: same candidates as before
+                cache_bytes=STORE_BYTES,
+                model_name=choice.key,
+                weights_hash="in-memory",  # never written to disk: no signature check
+                preprocess_key=repr(contrast),
+            )
+            ann.attach_store(store)
+        except (TypeError, ValueError) as e:  # the session's own cache still works
+            self._set_status(f"propagation unavailable for this image: {e}")
+            return None, None
         return ann.store_for(key)
 
     def _decoder(self):
@@ -240,6 +247,7 @@ class VolumeActions:
             criteria=self.stop_criteria,
         )
         self._prop_job = job
+        self._volume_cancels["propagation"] = job.cancel
         self._update_volume_buttons()
         anchors = ", ".join(map(str, sorted(state.objects[obj_id].anchors)))
         self._set_status(f"propagating object {obj_id} from slice(s) {anchors}...")
@@ -333,6 +341,7 @@ class VolumeActions:
         worker.errored.connect(lambda e: self._volume_error("Precompute failed", e))
         worker.finished.connect(on_end)
         self._precompute = (worker, cancel)
+        self._volume_cancels["precompute"] = cancel.set
         self._update_volume_buttons()
         self._set_status(f"precomputing {len(missing)} slice embeddings... (Esc cancels)")
         worker.start()
@@ -376,3 +385,9 @@ class VolumeActions:
             did.append("precompute")
         if did:
             self._set_status(f"cancelling {' and '.join(did)}...")
+
+
+def _cancel_all(cancels: dict, *_):
+    """On widget deletion: stop a running propagation/precompute."""
+    for cancel in cancels.values():
+        cancel()
