@@ -30,6 +30,12 @@ Rules (also in docs/usage.md):
 - **Undo/redo** covers prompt edits and commits in one history (newest first). A commit
   stores only the pixels it changed (their indices and old values); undoing it restores
   them and brings back the object's prompts. Any new edit clears the redo history.
+  Edits made outside the annotator (a propagation run written into the labels) join the
+  same history through :meth:`Annotator.push_edit`.
+- **Embeddings** are cached per plane in the session; for a 3D stack an attached
+  :class:`~napari_sam.embeddings.EmbeddingStore` (:meth:`Annotator.attach_store`) serves
+  the planes along its axis instead, so that propagation, a precompute and the session
+  share them.
 
 Threads: :meth:`Annotator.compute_embedding` and :meth:`Annotator.run` may run in worker
 threads (the encoder and the decoder each sit behind a lock); everything else belongs to
@@ -39,6 +45,7 @@ one synchronous call for scripts and tests.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -203,6 +210,17 @@ class _PromptEdit:
 
 
 @dataclass(eq=False)
+class _External:
+    """An edit made outside the annotator (e.g. propagation into the labels), kept in the
+    same undo history: ``undo()``/``redo()`` revert/re-apply it as a whole."""
+
+    key: SliceKey | None
+    undo: object  # callable
+    redo: object  # callable
+    text: str
+
+
+@dataclass(eq=False)
 class _Commit:
     key: SliceKey
     rows: np.ndarray
@@ -313,6 +331,7 @@ class Annotator:
         self._encode_lock = threading.Lock()
         self._decode_lock = threading.Lock()
         self._decoder_key: SliceKey | None = None
+        self._stores: dict[int, object] = {}
         #: number of encoder runs (embeddings computed) by this session
         self.encoder_runs = 0
 
@@ -338,8 +357,37 @@ class Annotator:
         return True
 
     # -------------------------------------------------------------- embeddings
+    def attach_store(self, store) -> None:
+        """Serve the embeddings of planes along ``store.axis`` from an EmbeddingStore.
+
+        The store (:class:`napari_sam.embeddings.EmbeddingStore` of this image, its
+        predictor on the same model) then replaces this session's own cache for those
+        planes, so that a slice embedded by propagation or a precompute is ready here
+        and vice versa. Only for 3D stacks; one store per slice axis.
+        """
+        if len(self.shape) != 3:
+            raise ValueError("embedding stores serve 3D stacks; this image is 2D")
+        if tuple(store.shape[:3]) != self.shape:
+            raise ValueError(
+                f"the store's stack has shape {tuple(store.shape[:3])}, the image "
+                f"{self.shape}; make the store from this image"
+            )
+        self._stores[int(store.axis)] = store
+
+    def store_for(self, key: SliceKey | None = None):
+        """``(store, z)`` serving plane ``key`` (default: current), or ``(None, None)``."""
+        key = self._key if key is None else key
+        if not self._stores or len(key) != 3:
+            return None, None
+        sliced = [i for i, k in enumerate(key) if k is not None]
+        store = self._stores.get(sliced[0]) if len(sliced) == 1 else None
+        return (store, int(key[sliced[0]])) if store is not None else (None, None)
+
     def has_embedding(self, key: SliceKey | None = None) -> bool:
         key = self._key if key is None else key
+        store, z = self.store_for(key)
+        if store is not None:
+            return store.is_done(z)
         with self._cache_lock:
             return key in self._cache
 
@@ -348,6 +396,9 @@ class Annotator:
             return list(self._cache)
 
     def _cached(self, key):
+        store, z = self.store_for(key)
+        if store is not None:
+            return store.get(z) if store.is_done(z) else None
         with self._cache_lock:
             item = self._cache.get(key)
             if item is None:
@@ -359,9 +410,20 @@ class Annotator:
         """Compute (or fetch from the cache) the embedding of a plane. Thread-safe.
 
         Reads only that plane of the image; the encoder runs at most once per plane while
-        the plane stays in the cache.
+        the plane stays in the cache (or in an attached store, see :meth:`attach_store`).
         """
         key = check_key(self._key if key is None else key, self.shape)
+        store, z = self.store_for(key)
+        if store is not None:
+            shared = store.predictor is self.predictor
+            with self._decode_lock if shared else contextlib.nullcontext():
+                runs = store.encoder_runs
+                emb = store.get(z)
+                if store.encoder_runs != runs:
+                    self.encoder_runs += 1
+                    if shared:  # the store's encoder replaced the decoder's embedding
+                        self._decoder_key = None
+            return emb
         cached = self._cached(key)
         if cached is not None:
             return cached
@@ -398,6 +460,8 @@ class Annotator:
         """Forget all embeddings (e.g. after the image data changed)."""
         with self._cache_lock:
             self._cache.clear()
+        for store in self._stores.values():
+            store.clear_memory()
         with self._decode_lock:
             self._decoder_key = None
         self._candidates = None
@@ -738,7 +802,29 @@ class Annotator:
             raise ValueError("the record has no prompts to replay")
         return masks[record.steps[-1].candidate]
 
+    def last_commit_on(self, key: SliceKey | None = None) -> ObjectRecord | None:
+        """The newest (not undone) commit on plane ``key`` (default: the current one)."""
+        key = tuple(self._key if key is None else key)
+        return next((r for r in reversed(self.records) if tuple(r.slice_key) == key), None)
+
+    def committed_slices(self, label_id: int, axis: int) -> list[int]:
+        """Indices along ``axis`` of the planes where object ``label_id`` was committed
+        (not undone), sorted: the user's anchor slices for propagating that object."""
+        out = set()
+        for r in self.records:
+            key = tuple(r.slice_key)
+            on_axis = len(key) > axis and key[axis] is not None
+            if r.label_id == label_id and on_axis and sum(k is not None for k in key) == 1:
+                out.add(int(key[axis]))
+        return sorted(out)
+
     # ------------------------------------------------------------- undo / redo
+    def push_edit(self, undo, redo, text: str, key: SliceKey | None = None) -> None:
+        """Record an edit made outside the annotator (e.g. a propagation run written into
+        :attr:`labels`) so that :meth:`undo`/:meth:`redo` revert and re-apply it in
+        order with prompt edits and commits. ``undo()``/``redo()`` act on the whole edit."""
+        self._push(_External(key, undo, redo, text))
+
     def _push(self, action):
         self._undo.append(action)
         self._redo.clear()
@@ -756,7 +842,9 @@ class Annotator:
         if not self._undo:
             return None
         action = self._undo.pop()
-        if isinstance(action, _PromptEdit):
+        if isinstance(action, _External):
+            action.undo()
+        elif isinstance(action, _PromptEdit):
             self._apply_prompts(action.key, action.before)
         else:
             view = self.labels[plane_index(action.key)]
@@ -774,7 +862,9 @@ class Annotator:
         if not self._redo:
             return None
         action = self._redo.pop()
-        if isinstance(action, _PromptEdit):
+        if isinstance(action, _External):
+            action.redo()
+        elif isinstance(action, _PromptEdit):
             self._apply_prompts(action.key, action.after)
         else:
             view = self.labels[plane_index(action.key)]
@@ -787,7 +877,7 @@ class Annotator:
 
     def changed_slices(self) -> set:
         """Planes touched by the undo/redo history (for a GUI to refresh)."""
-        return {a.key for a in (*self._undo, *self._redo)}
+        return {a.key for a in (*self._undo, *self._redo) if a.key is not None}
 
 
 def to_session_object(record: ObjectRecord):

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["LabelWriter"]
+from napari_sam.propagate import PropagationState
+
+__all__ = ["LabelWriter", "anchor_state", "plane_of", "stale_slices"]
 
 OVERLAP_RULES = ("keep", "overwrite")
 
@@ -144,3 +146,43 @@ class LabelWriter:
             view[np.unravel_index(c.index, view.shape)] = c.new
         self.undone = False
         return self.changed_slices
+
+
+def plane_of(labels: np.ndarray, axis: int, z: int) -> np.ndarray:
+    """A view of slice ``z`` of a 3D array along ``axis`` (the plane keeps data order)."""
+    index = [slice(None)] * 3
+    index[axis] = int(z)
+    return labels[tuple(index)]
+
+
+def anchor_state(labels: np.ndarray, axis: int, obj_id: int, slices) -> PropagationState:
+    """A :class:`PropagationState` for object ``obj_id`` of a ``(Z, Y, X)`` label volume,
+    with an anchor on each of ``slices`` (along ``axis``) where the object has pixels: the
+    object's current pixels there are the anchor mask.
+
+    Raises ValueError naming the fix when no given slice holds the object.
+    """
+    if labels.ndim != 3:
+        raise ValueError(f"propagation needs a 3D label volume, got shape {labels.shape}")
+    n = labels.shape[axis]
+    shape = tuple(s for i, s in enumerate(labels.shape) if i != axis)
+    state = PropagationState(n, shape)
+    for z in sorted({int(z) for z in slices}):
+        mask = plane_of(labels, axis, z) == obj_id
+        if mask.any():
+            state.add_anchor(obj_id, z, mask)
+    if obj_id not in state.objects:
+        raise ValueError(
+            f"object {obj_id} has no pixels on its committed slices {sorted(slices)}; "
+            "commit it on a slice first (C), then propagate (Shift-S)"
+        )
+    return state
+
+
+def stale_slices(previous, state: PropagationState, obj_id: int) -> list[int]:
+    """Slices an earlier propagation of ``obj_id`` wrote (``previous``) that the object
+    no longer reaches in ``state`` (neither anchor nor propagated result): after a
+    complete re-propagation they lose the object, so that it is exactly anchors + result.
+    """
+    now = set(state.object_slices(obj_id)) if obj_id in state.objects else set()
+    return sorted({int(z) for z in previous} - now)

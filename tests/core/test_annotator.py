@@ -357,3 +357,53 @@ def test_records_replay_through_the_session_format(model):
     assert [p.use_previous_mask for p in session.objects[0].prompts] == [False, True]
     labels = replay(session, make_predictor(model), vol)
     np.testing.assert_array_equal(labels, ann.labels)
+
+
+def test_attached_store_shares_embeddings_both_ways(model):
+    from napari_sam.embeddings import EmbeddingStore
+
+    vol = blob_image((5, 48, 64))
+    counter = EncoderCounter(model)
+    ann = Annotator(make_predictor(model), vol, encoder=make_predictor(model))
+    store = EmbeddingStore(vol, ann.encoder, axis=0, dtype="float32", weights_hash="x")
+    ann.attach_store(store)
+    store.precompute([1, 2])  # e.g. propagation or "Precompute stack"
+    runs = counter.count
+    ann.set_slice((2, None, None))
+    assert ann.has_embedding()
+    ann.add_point((24, 30))
+    cands = ann.update()
+    assert counter.count == runs  # embedded by the store: no encoder run here
+    ref = make_predictor(model)
+    masks, _, _ = direct(ref, vol[2], point_coords=np.array([[30.0, 24.0]]),
+                         point_labels=np.array([1]))  # fmt: skip
+    np.testing.assert_array_equal(cands.masks, masks)  # float32 store: same candidates
+    runs = counter.count  # (after the reference's own encoder run)
+    ann.set_slice((4, None, None))
+    ann.compute_embedding()
+    assert store.is_done(4) and ann.encoder_runs == 1 and counter.count == runs + 1
+    ann.set_slice((None, 10, None))  # another axis: the session's own cache
+    ann.compute_embedding()
+    assert ann.cached_slices() == [(None, 10, None)] and store.missing() == [0, 3]
+    with pytest.raises(ValueError, match="2D"):
+        Annotator(make_predictor(model), vol[0]).attach_store(store)
+
+
+def test_external_edits_share_the_undo_history(predictor):
+    ann = Annotator(predictor, blob_image((3, 48, 48), centers=((24, 24, 10),)))
+    ann.set_slice((1, None, None))
+    ann.add_point((24, 24))
+    ann.update()
+    rec = ann.commit()
+    assert ann.last_commit_on() is rec and ann.last_commit_on((0, None, None)) is None
+    assert ann.committed_slices(rec.label_id, 0) == [1]
+    assert ann.committed_slices(rec.label_id, 1) == []
+    log = []
+    ann.push_edit(lambda: log.append("undo"), lambda: log.append("redo"), "propagate")
+    assert ann.undo() == "propagate" and log == ["undo"]
+    assert ann.labels[1].any()  # the commit is still there
+    assert ann.redo() == "propagate" and log == ["undo", "redo"]
+    ann.undo()
+    ann.undo()  # now the commit
+    assert not ann.labels.any() and ann.committed_slices(rec.label_id, 0) == []
+    assert ann.last_commit_on() is None

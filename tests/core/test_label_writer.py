@@ -80,3 +80,18 @@ def test_other_axis_and_bad_input():
         LabelWriter(labels[0])
     with pytest.raises(ValueError, match="overlap"):
         LabelWriter(labels, overlap="merge")
+
+
+def test_anchor_state_and_stale_slices():
+    from napari_sam.label_writer import anchor_state, plane_of, stale_slices
+
+    labels = np.zeros((6, 5, 7), np.uint16)
+    labels[:, 2, 1:4] = 3  # object 3 on every (z, x) plane y=2 ... sliced along axis 1
+    labels[:, 4, 0] = 2
+    state = anchor_state(labels, 1, 3, [2, 4, 2])
+    assert state.n_slices == 5 and tuple(state.slice_shape) == (6, 7)
+    assert list(state.objects[3].anchors) == [2]  # slice 4 holds no pixel of object 3
+    np.testing.assert_array_equal(state.mask(3, 2), plane_of(labels, 1, 2) == 3)
+    with pytest.raises(ValueError, match="commit it on a slice first"):
+        anchor_state(labels, 1, 3, [0, 4])
+    assert stale_slices([0, 1, 2, 3], state, 3) == [0, 1, 3]

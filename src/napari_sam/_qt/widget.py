@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_sam._qt import layers as L
+from napari_sam._qt.volume_actions import VolumeActions
 from napari_sam._qt.workers import LatestWins
 from napari_sam.model_choices import (
     ContrastSetting,
@@ -54,7 +55,9 @@ KEYS = (
     ("1 / 2 / 3", "select candidate 1 / 2 / 3"),
     ("C", "commit the selected candidate as an object"),
     ("Shift-C", "clear the prompts of this slice"),
-    ("Ctrl-Z / Ctrl-Shift-Z", "undo / redo (prompts and commits)"),
+    ("Ctrl-Z / Ctrl-Shift-Z", "undo / redo (prompts, commits and propagations)"),
+    ("Shift-S", "propagate the slice's object through the stack (3D; commits prompts first)"),
+    ("Escape", "cancel a running propagation or precompute"),
 )
 
 CONTRASTS = {
@@ -66,7 +69,7 @@ CONTRASTS = {
 }
 
 
-class SamWidget(QWidget):
+class SamWidget(VolumeActions, QWidget):
     """Interactive SAM annotation of the current 2D slice of an image layer.
 
     Decoder calls cheaper than :attr:`inline_decode_ms` (median CPU time of the last few)
@@ -249,6 +252,7 @@ class SamWidget(QWidget):
         lay.addLayout(row)
         lay.addLayout(obj_form)
         lay.addLayout(grid)
+        self._build_volume_ui(lay)
         lay.addWidget(keys)
         lay.addStretch(1)
 
@@ -289,6 +293,8 @@ class SamWidget(QWidget):
             "1": ("select_candidate", 0),
             "2": ("select_candidate", 1),
             "3": ("select_candidate", 2),
+            "Shift-S": "propagate",
+            "Escape": "cancel_background",
         }
         self._keys = {}
         for key, action in keys.items():
@@ -487,6 +493,7 @@ class SamWidget(QWidget):
             labels=labels,
             model_name=choice.key,
         )
+        self._volume_session_started(choice, model, contrast)
         for key, p in carried.items():
             self.annotator.restore_prompts(key, p.points, p.labels, p.box)
         self.image_layer = layer
@@ -502,6 +509,7 @@ class SamWidget(QWidget):
         self._encoder_jobs.cancel_pending()
         self._decoder_jobs.cancel_pending()
         self._commit_when_ready = False
+        self._volume_teardown()
         if self.image_layer is not None:
             with contextlib.suppress(TypeError, ValueError, RuntimeError):
                 self.image_layer.events.data.disconnect(self._on_image_data)
@@ -591,6 +599,7 @@ class SamWidget(QWidget):
             self._set_status(reason)
             return
         changed = ann.set_slice(key)
+        self._volume_on_dims(key)
         if changed or not self.candidate_layers:
             self._ensure_layers()
             geo = L.plane_geometry(self.image_layer, key)
@@ -814,6 +823,7 @@ class SamWidget(QWidget):
             record = ann.commit(label_id=label_id, overlap=self.overlap_combo.currentData())
         except (ValueError, TypeError) as e:
             self._set_status(str(e))
+            self._after_commit(False)
             return
         self.label_id.setValue(0)
         self.objects_layer.refresh()
@@ -822,11 +832,16 @@ class SamWidget(QWidget):
         self._set_status(
             f"committed object {record.label_id} ({record.n_pixels} px); click the next object"
         )
+        self._after_commit(True)
 
     def undo(self):
+        if self._defer_history("undo"):
+            return
         self._history(self.annotator.undo if self.annotator else None, "undone")
 
     def redo(self):
+        if self._defer_history("redo"):
+            return
         self._history(self.annotator.redo if self.annotator else None, "redone")
 
     def _history(self, step, verb):
@@ -897,10 +912,16 @@ class SamWidget(QWidget):
         self.undo_button.setEnabled(ann is not None and ann.can_undo)
         self.redo_button.setEnabled(ann is not None and ann.can_redo)
         self.clear_button.setEnabled(ann is not None and not ann.prompts.is_empty)
+        self._update_volume_buttons()
 
     def is_idle(self) -> bool:
-        """No model load, embedding or decoding runs or waits."""
-        return not (self._loader_jobs.busy or self._encoder_jobs.busy or self._decoder_jobs.busy)
+        """No model load, embedding, decoding, propagation or precompute runs or waits."""
+        return not (
+            self._loader_jobs.busy
+            or self._encoder_jobs.busy
+            or self._decoder_jobs.busy
+            or self.volume_busy
+        )
 
 
 def _prefer_passive_openmp():
