@@ -170,3 +170,91 @@ def test_failed_write_is_reported_and_the_next_one_writes_everything(model, tmp_
     np.testing.assert_array_equal(state.labels, ann.labels)
     assert [o.extra["uid"] for o in state.session.objects] == [r.uid for r in ann.records]
     pool.shutdown()
+
+
+CHILD = """
+import hashlib, sys
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[2])
+from napari_sam.annotator import Annotator, autosave_change
+from napari_sam.io.recovery import Autosave
+from tiny_sam import blob_image, make_predictor, tiny_model
+
+vol = blob_image((6, 48, 64))
+ann = Annotator(make_predictor(tiny_model(0)), vol, overlap="overwrite")
+# the widget's code path: Autosave on a single-thread executor, autosave_change per commit
+saver = Autosave(vol, ann.shape, name="stack", root=sys.argv[1], executor=ThreadPoolExecutor(1))
+saver.lookup(ann.labels).result()
+rng = np.random.default_rng(0)
+n = 0
+while True:
+    ann.set_slice((int(rng.integers(0, 6)), None, None))
+    ann.add_point((int(rng.integers(4, 44)), int(rng.integers(4, 60))))
+    cands = ann.update()
+    ann.select(int(np.argmax(cands.masks.reshape(3, -1).sum(1))))
+    try:
+        ann.commit()
+    except ValueError:
+        ann.clear()
+        continue
+    autosave_change(saver, ann).result()  # on disk: only now does the commit count as done
+    n += 1
+    digest = hashlib.sha1(ann.labels.astype(np.uint32).tobytes()).hexdigest()
+    print("COMMITTED", n, digest, flush=True)
+"""
+
+
+@pytest.mark.parametrize("kill_after", [2, 6])
+def test_annotator_killed_mid_session_restores_every_commit(tmp_path, kill_after):
+    """A process annotates through Annotator + Autosave (the widget's code path), is
+    SIGKILLed while it goes on committing, and a restart restores every commit whose
+    autosave had returned (at most the one in flight may be there too), exactly."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": str(Path(tests).parent / "src"), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path), tests],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    digests = {}
+    try:
+        while len(digests) < kill_after + 1:  # read one line more: it is busy with the next
+            line = child.stdout.readline()
+            if not line:
+                break
+            if line.startswith("COMMITTED"):
+                _, n, digest = line.split()
+                digests[int(n)] = digest
+        os.kill(child.pid, signal.SIGKILL)
+        committed = max(digests)
+        for line in child.stdout:  # commits that returned before the kill landed
+            if line.startswith("COMMITTED"):
+                _, n, digest = line.split()
+                digests[int(n)] = digest
+                committed = int(n)
+    finally:
+        child.wait(timeout=60)
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL and committed >= kill_after + 1
+    # the restart, in this process: a new session on the same image
+    vol = blob_image((6, 48, 64))
+    saver = Autosave(vol, (6, 48, 64), root=tmp_path)
+    found = saver.lookup(np.zeros((6, 48, 64), np.uint32)).result()
+    assert found.offer and found.state.damaged == []
+    got = hashlib.sha1(found.state.labels.astype(np.uint32).tobytes()).hexdigest()
+    n_objects = len(found.state.session.objects)
+    assert n_objects in (committed, committed + 1)
+    if n_objects == committed:
+        assert got == digests[committed]
+    assert [o.object_id for o in found.state.session.objects] == list(range(1, n_objects + 1))
