@@ -9,10 +9,11 @@ killed at any instant therefore leaves every earlier commit complete on disk and
 one hidden temporary, which restore ignores and :meth:`RecoveryStore.clear` removes.
 One process writes to a store at a time (records are ordered by a sequence number).
 
-A new process calls :func:`list_recoverable` to offer a restore, then
-:meth:`RecoveryStore.restore` to rebuild the labels and the session; after the user has
-saved or exported the labels successfully, the caller clears the store with
-:meth:`RecoveryStore.clear` (never automatic).
+A new process calls :func:`list_recoverable` (or :meth:`Autosave.lookup` for one image)
+to offer a restore, then :meth:`RecoveryStore.restore` to rebuild the labels and the
+session. Stores are never cleared automatically (saving through napari does not reach
+the widget): :meth:`RecoveryStore.clear` / :meth:`Autosave.discard` run when the user
+chooses to discard.
 
 Record kinds (restore replays them in order, so the restored labels equal the labels at
 the last record):
@@ -450,7 +451,7 @@ class RecoveryStore:
         )
 
     def clear(self) -> None:
-        """Delete the store (call after the labels were saved or exported successfully)."""
+        """Delete the store (the user chose to discard it)."""
         shutil.rmtree(self.path, ignore_errors=True)
 
     def info(self) -> RecoveryInfo:
