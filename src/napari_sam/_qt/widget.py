@@ -887,6 +887,9 @@ class SamWidget(QWidget):
         self._relay.connect(self._on_relay)
         self.recovery_text = QLabel()
         self.recovery_text.setWordWrap(True)
+        self.recovery_text.setStyleSheet(
+            "QLabel { background: #1e3a5f; color: white; padding: 4px; border-radius: 3px; }"
+        )
         self.restore_button = QPushButton("Restore")
         self.discard_button = QPushButton("Discard")
         self.restore_button.clicked.connect(self.restore_recovered)
@@ -899,7 +902,6 @@ class SamWidget(QWidget):
         buttons.addWidget(self.restore_button)
         buttons.addWidget(self.discard_button)
         lay.addLayout(buttons)
-        self.recovery_row.setStyleSheet("QWidget { background: #1e3a5f; }")
         self.recovery_row.hide()
         main = self.layout()
         main.insertWidget(main.indexOf(self.banner) + 1, self.recovery_row)

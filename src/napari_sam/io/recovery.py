@@ -406,6 +406,8 @@ class RecoveryStore:
                 max_id = max(max_id, int(data.max()))
         labels = np.zeros(self.shape, dtype=smallest_uint(max_id))
         boxes: dict[int, tuple[slice, ...]] = {}  # a box holding every pixel of each id
+        # (needed only by commit/delete records; the annotator's patches replace boxes)
+        track = any(e[1] in ("commit", "delete") for e in loaded)
         records: dict[str, ObjectRecord | None] = {}
         for seq, kind, oid, data, offset, extra in loaded:
             if kind in ("commit", "delete"):
@@ -429,7 +431,7 @@ class RecoveryStore:
                 records.clear()
             box = tuple(slice(o, o + s) for o, s in zip(offset, data.shape, strict=True))
             labels[box] = data
-            for v in np.unique(data):
+            for v in np.unique(data) if track else ():
                 if v:
                     boxes[int(v)] = _union(boxes.get(int(v)), box)
             for uid in remove:
