@@ -53,6 +53,12 @@ def main(argv=None):
     ap.add_argument("--model", help="model name or checkpoint file (default: widget's)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "images" / "annotator.png"))
     args = ap.parse_args(argv)
+    # autosave into a throw-away folder: a second run must not find the first run's
+    # objects (the widget would offer to restore them instead of committing)
+    import os
+    import tempfile
+
+    os.environ["NAPARI_SAM_RECOVERY"] = tempfile.mkdtemp(prefix="napari-sam-recovery-")
 
     import napari
     from qtpy.QtWidgets import QApplication

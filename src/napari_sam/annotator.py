@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields, is_dataclass
 
@@ -199,6 +200,28 @@ class ObjectRecord:
     n_pixels: int
     steps: list[PromptStep] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)  # identity across processes
+
+
+@dataclass(frozen=True, eq=False)
+class LabelChange:
+    """One change of the committed labels: a commit, or the undo / redo of one.
+
+    ``box``: one slice per labels axis around every pixel that changed (on one plane);
+    ``values``: a copy of ``labels[box]`` after the change; ``added`` / ``removed``: the
+    object records the change made or took away. What autosave writes (see
+    :func:`autosave_change`).
+    """
+
+    kind: str  # "commit", "undo" or "redo"
+    box: tuple[slice, ...]
+    values: np.ndarray
+    added: tuple[ObjectRecord, ...] = ()
+    removed: tuple[ObjectRecord, ...] = ()
+
+    @property
+    def offset(self) -> tuple[int, ...]:
+        return tuple(s.start for s in self.box)
 
 
 @dataclass(eq=False)
@@ -218,6 +241,7 @@ class _External:
     undo: object  # callable
     redo: object  # callable
     text: str
+    box: tuple[slice, ...] | None = None  # the labels it changes (for autosave)
 
 
 @dataclass(eq=False)
@@ -334,6 +358,8 @@ class Annotator:
         self._stores: dict[int, object] = {}
         #: number of encoder runs (embeddings computed) by this session
         self.encoder_runs = 0
+        #: the labels change of the latest commit / undo / redo (None after a prompt edit)
+        self.last_change: LabelChange | None = None
 
     # ------------------------------------------------------------------ slices
     @property
@@ -774,6 +800,7 @@ class Annotator:
         self._choice = None
         self._version += 1
         self._push(action)
+        self.last_change = self._change("commit", action, added=(record,))
         return record
 
     def replay(self, record: ObjectRecord) -> np.ndarray:
@@ -819,11 +846,24 @@ class Annotator:
         return sorted(out)
 
     # ------------------------------------------------------------- undo / redo
-    def push_edit(self, undo, redo, text: str, key: SliceKey | None = None) -> None:
+    def push_edit(
+        self, undo, redo, text: str, key: SliceKey | None = None, box: tuple | None = None
+    ) -> None:
         """Record an edit made outside the annotator (e.g. a propagation run written into
         :attr:`labels`) so that :meth:`undo`/:meth:`redo` revert and re-apply it in
-        order with prompt edits and commits. ``undo()``/``redo()`` act on the whole edit."""
-        self._push(_External(key, undo, redo, text))
+        order with prompt edits and commits. ``undo()``/``redo()`` act on the whole edit.
+        ``box`` (one slice per labels axis around what the edit changes) makes the edit,
+        its undo and its redo a :attr:`last_change`, so autosave records them."""
+        if box is not None:
+            self.external_change(box)
+        self._push(_External(key, undo, redo, text, box))
+
+    def external_change(self, box: tuple, kind: str = "edit") -> LabelChange:
+        """Set :attr:`last_change` to the labels in ``box`` as they are now (after an edit
+        made outside the annotator); returns it."""
+        box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, self.labels.shape, strict=True))
+        self.last_change = LabelChange(kind, box, np.array(self.labels[box]))
+        return self.last_change
 
     def _push(self, action):
         self._undo.append(action)
@@ -842,8 +882,11 @@ class Annotator:
         if not self._undo:
             return None
         action = self._undo.pop()
+        self.last_change = None
         if isinstance(action, _External):
             action.undo()
+            if action.box is not None:
+                self.external_change(action.box, "undo")
         elif isinstance(action, _PromptEdit):
             self._apply_prompts(action.key, action.before)
         else:
@@ -854,6 +897,7 @@ class Annotator:
             self._apply_prompts(action.key, action.prompts)
             if action.key == self._key:
                 self._choice = action.choice
+            self.last_change = self._change("undo", action, removed=(action.record,))
         self._redo.append(action)
         return action.text
 
@@ -862,8 +906,11 @@ class Annotator:
         if not self._redo:
             return None
         action = self._redo.pop()
+        self.last_change = None
         if isinstance(action, _External):
             action.redo()
+            if action.box is not None:
+                self.external_change(action.box, "redo")
         elif isinstance(action, _PromptEdit):
             self._apply_prompts(action.key, action.after)
         else:
@@ -872,8 +919,45 @@ class Annotator:
             self._next_id = action.next_id_after
             self.records.append(action.record)
             self._apply_prompts(action.key, Prompts.empty())
+            self.last_change = self._change("redo", action, added=(action.record,))
         self._undo.append(action)
         return action.text
+
+    def _change(self, kind, action: _Commit, added=(), removed=()) -> LabelChange:
+        box = []
+        in_plane = iter((action.rows, action.cols))
+        for k in action.key:
+            if k is not None:
+                box.append(slice(k, k + 1))
+                continue
+            idx = next(in_plane)
+            lo, hi = (int(idx.min()), int(idx.max()) + 1) if len(idx) else (0, 0)
+            box.append(slice(lo, hi))
+        box = tuple(box)
+        return LabelChange(kind, box, np.array(self.labels[box]), tuple(added), tuple(removed))
+
+    def restore_objects(self, labels, records: list[ObjectRecord]) -> None:
+        """Replace the committed labels and records (e.g. restored after a crash).
+
+        ``labels``: ids of the spatial shape, written into :attr:`labels` in place;
+        ``records``: their :class:`ObjectRecord` (see :func:`from_session_object`). Not
+        undoable; the undo history of commits is cleared (prompt edits stay).
+        """
+        labels = np.asarray(labels)
+        if labels.shape != self.shape:
+            raise ValueError(
+                f"restored labels have shape {labels.shape}, the image {self.shape}: they "
+                "belong to another image"
+            )
+        top = int(labels.max()) if labels.size else 0
+        if top:
+            _check_id(top, self.labels.dtype)
+        self.labels[...] = labels
+        self.records = list(records)
+        self._next_id = top + 1
+        self._undo = [a for a in self._undo if isinstance(a, _PromptEdit)]
+        self._redo = [a for a in self._redo if isinstance(a, _PromptEdit)]
+        self.last_change = None
 
     def changed_slices(self) -> set:
         """Planes touched by the undo/redo history (for a GUI to refresh)."""
@@ -906,7 +990,75 @@ def to_session_object(record: ObjectRecord):
         record.label_id,
         prompts,
         model=record.model or None,
-        extra={"overlap": record.overlap, "predicted_iou": record.predicted_iou},
+        extra={
+            "overlap": record.overlap,
+            "predicted_iou": record.predicted_iou,
+            "n_pixels": record.n_pixels,
+            "uid": record.uid,
+            "created_time": record.created,
+        },
+    )
+
+
+def from_session_object(obj, shape: tuple[int, ...]) -> ObjectRecord:
+    """The :class:`ObjectRecord` of a session object made by :func:`to_session_object`
+    (e.g. restored from the recovery store); ``shape``: the labels' spatial shape."""
+    if not obj.prompts:
+        raise ValueError(f"object {obj.object_id} has no prompts to rebuild its record from")
+    key = [None] * len(shape)
+    where = obj.prompts[-1]
+    if where.slice_index is not None:
+        key[where.axis] = where.slice_index
+    steps = [
+        PromptStep(
+            np.asarray(p.points, dtype=np.float64).reshape(-1, 2),
+            np.asarray(p.point_labels, dtype=np.int32),
+            None if p.box is None else np.asarray(p.box, dtype=np.float64),
+            int(p.candidate or 0),
+            bool(p.use_previous_mask),
+        )
+        for p in obj.prompts
+    ]
+    last = steps[-1]
+    extra = obj.extra or {}
+    kw = {"uid": extra["uid"]} if extra.get("uid") else {}
+    if "created_time" in extra:
+        kw["created"] = float(extra["created_time"])
+    return ObjectRecord(
+        label_id=int(obj.object_id),
+        slice_key=check_key(tuple(key), tuple(shape)),
+        points=last.points.copy(),
+        point_labels=last.labels.copy(),
+        box=None if last.box is None else last.box.copy(),
+        candidate=last.candidate,
+        predicted_iou=float(extra.get("predicted_iou", float("nan"))),
+        model=obj.model or "",
+        overlap=str(extra.get("overlap", "keep")),
+        n_pixels=int(extra.get("n_pixels", 0)),
+        steps=steps,
+        **kw,
+    )
+
+
+def autosave_change(autosave, annotator: Annotator, change: LabelChange | None = None):
+    """Queue the write of a labels change to an :class:`napari_sam.io.recovery.Autosave`.
+
+    ``change`` defaults to ``annotator.last_change``. Writes the whole labels and records
+    instead while ``autosave.needs_snapshot`` (labels not in the store yet, or an earlier
+    write failed). Returns the write's ``Future`` (None if there is no change). Used by the
+    dock widget and by scripts alike.
+    """
+    change = annotator.last_change if change is None else change
+    if change is None:
+        return None
+    if autosave.needs_snapshot:
+        objects = [to_session_object(r) for r in annotator.records]
+        return autosave.snapshot(np.array(annotator.labels), objects)
+    return autosave.patch(
+        change.offset,
+        change.values,
+        add=[to_session_object(r) for r in change.added],
+        remove=[r.uid for r in change.removed],
     )
 
 

@@ -14,6 +14,14 @@ def _model(seed):
     return _MODELS[seed]
 
 
+@pytest.fixture(autouse=True)
+def recovery_dir(tmp_path, monkeypatch):
+    """Each test autosaves into its own recovery folder (never the user's cache)."""
+    path = tmp_path / "recovery"
+    monkeypatch.setenv("NAPARI_SAM_RECOVERY", str(path))
+    return path
+
+
 @pytest.fixture
 def choices():
     """Two real tiny SAMs (different random weights), labelled untrained like the GUI's."""

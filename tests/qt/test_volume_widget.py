@@ -36,7 +36,14 @@ def open_stack(open_widget, qtbot, img, z):
     return viewer, w
 
 
-def test_shift_s_commits_propagates_undoes_redoes(open_widget, qtbot, models):
+def recovered(recovery_dir):
+    from napari_sam.io.recovery import RecoveryStore
+
+    (name,) = [p.name for p in recovery_dir.iterdir()]
+    return RecoveryStore(name, root=recovery_dir).restore().labels
+
+
+def test_shift_s_commits_propagates_undoes_redoes(open_widget, qtbot, models, recovery_dir):
     img, _ = stack()
     viewer, w = open_stack(open_widget, qtbot, img, 6)
     ann = w.annotator
@@ -60,6 +67,7 @@ def test_shift_s_commits_propagates_undoes_redoes(open_widget, qtbot, models):
     status = w.status_text
     assert status.startswith("propagation done") and "stopped at" in status
     assert "up from 6" in status and "down from 6" in status
+    np.testing.assert_array_equal(recovered(recovery_dir), data)  # autosaved, whole run
     # embeddings are shared: a slice embedded by propagation needs no encoder run here
     runs = models(0).counter.count
     viewer.dims.set_current_step(0, reached[-1])
@@ -74,9 +82,11 @@ def test_shift_s_commits_propagates_undoes_redoes(open_widget, qtbot, models):
     assert "propagate object 1" in w.status_text
     assert not np.delete(w.objects_layer.data, 6, axis=0).any()
     np.testing.assert_array_equal(w.objects_layer.data[6] == 1, expected)
+    np.testing.assert_array_equal(recovered(recovery_dir), w.objects_layer.data)
     key(qtbot, viewer, Qt.Key.Key_Z, CTRL | SHIFT)
     wait_idle(qtbot, w)
     np.testing.assert_array_equal(w.objects_layer.data, after)
+    np.testing.assert_array_equal(recovered(recovery_dir), after)
     # a second undo goes past the propagation to the commit
     key(qtbot, viewer, Qt.Key.Key_Z, CTRL)
     key(qtbot, viewer, Qt.Key.Key_Z, CTRL)

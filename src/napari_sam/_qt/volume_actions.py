@@ -276,7 +276,11 @@ class VolumeActions:
         if job.writer.changed_slices:
             self._prop_history.append((obj_id, axis, job))
             if ann is self.annotator:
-                ann.push_edit(job.undo, job.redo, f"propagate object {obj_id}", key)
+                zs = job.writer.changed_slices
+                box = [slice(None)] * ann.labels.ndim
+                box[axis] = slice(min(zs), max(zs) + 1)
+                ann.push_edit(job.undo, job.redo, f"propagate object {obj_id}", key, tuple(box))
+                self._autosave_change(self.status_text)
         after, self._after_job = self._after_job, None
         self._update_buttons()
         self._update_volume_buttons()

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QButtonGroup,
     QComboBox,
@@ -93,6 +93,8 @@ class SamWidget(VolumeActions, QWidget):
     #: 0 disables
     #: (``NAPARI_SAM_INLINE_DECODE_MS`` overrides)
     inline_decode_ms: float = 50.0
+    # (callback, future) from a worker thread, delivered on the Qt thread
+    _relay = Signal(object)
 
     def __init__(
         self,
@@ -129,6 +131,7 @@ class SamWidget(VolumeActions, QWidget):
                 os.environ.get("NAPARI_SAM_INLINE_DECODE_MS", self.inline_decode_ms)
             )
         self._build_ui()
+        self._init_recovery(threaded)
         # layer-list thumbnails of the candidate layers, refreshed once clicks pause
         self._thumbnails = QTimer(self)
         self._thumbnails.setSingleShot(True)
@@ -501,6 +504,7 @@ class SamWidget(VolumeActions, QWidget):
         self._bind_layer_keys(layer)  # SAM keys also while the image is the active layer
         self._ensure_layers(objects)
         self.viewer.layers.selection.active = self.points_layer
+        self._start_recovery(layer, data)
         self._on_dims()
 
     def _teardown(self, keep_layers: bool = True, remove_layers: bool = False):
@@ -510,6 +514,7 @@ class SamWidget(VolumeActions, QWidget):
         self._decoder_jobs.cancel_pending()
         self._commit_when_ready = False
         self._volume_teardown()
+        self._stop_recovery()
         if self.image_layer is not None:
             with contextlib.suppress(TypeError, ValueError, RuntimeError):
                 self.image_layer.events.data.disconnect(self._on_image_data)
@@ -818,6 +823,9 @@ class SamWidget(VolumeActions, QWidget):
             self._request_decode()
             return
         self._commit_when_ready = False
+        if self._recovery_blocks_commit():
+            self._after_commit(False)
+            return
         label_id = self.label_id.value() or None
         try:
             record = ann.commit(label_id=label_id, overlap=self.overlap_combo.currentData())
@@ -829,9 +837,7 @@ class SamWidget(VolumeActions, QWidget):
         self.objects_layer.refresh()
         self._sync_prompt_layers()
         self._show_candidates()
-        self._set_status(
-            f"committed object {record.label_id} ({record.n_pixels} px); click the next object"
-        )
+        self._autosave_change(f"committed object {record.label_id} ({record.n_pixels} px)")
         self._after_commit(True)
 
     def undo(self):
@@ -855,7 +861,7 @@ class SamWidget(VolumeActions, QWidget):
         self._sync_prompt_layers()
         self._show_candidates()
         self._request_decode()
-        self._set_status(f"{verb}: {text}")
+        self._autosave_change(f"{verb}: {text}")
 
     def clear(self):
         ann = self.annotator
@@ -915,12 +921,200 @@ class SamWidget(VolumeActions, QWidget):
         self._update_volume_buttons()
 
     def is_idle(self) -> bool:
-        """No model load, embedding, decoding, propagation or precompute runs or waits."""
+        """No model load, embedding, decoding, propagation, precompute or recovery-folder
+        work runs or waits."""
         return not (
             self._loader_jobs.busy
             or self._encoder_jobs.busy
             or self._decoder_jobs.busy
             or self.volume_busy
+            or self._recovery_jobs
+        )
+
+    # ====================================================== recovery (autosave)
+    def _init_recovery(self, threaded):
+        """Autosave to the image's recovery folder and the restore offer (see
+        :class:`napari_sam.io.recovery.Autosave`); all folder work on one thread, in order."""
+        self._autosave_pool = ThreadPoolExecutor(1, "napari-sam-autosave") if threaded else None
+        self._autosave = None  # Autosave of the current image
+        self._autosave_ready = False  # lookup done and no restore offer pending
+        self._recovery = None  # the Lookup whose restore is offered
+        self._recovery_jobs = 0  # futures whose result has not reached the Qt thread yet
+        self._relay.connect(self._on_relay)
+        self.recovery_text = QLabel()
+        self.recovery_text.setWordWrap(True)
+        self.recovery_text.setStyleSheet(
+            "QLabel { background: #1e3a5f; color: white; padding: 4px; border-radius: 3px; }"
+        )
+        self.restore_button = QPushButton("Restore")
+        self.discard_button = QPushButton("Discard")
+        self.restore_button.clicked.connect(self.restore_recovered)
+        self.discard_button.clicked.connect(self.discard_recovered)
+        self.recovery_row = QWidget()
+        lay = QVBoxLayout(self.recovery_row)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.recovery_text)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.restore_button)
+        buttons.addWidget(self.discard_button)
+        lay.addLayout(buttons)
+        self.recovery_row.hide()
+        main = self.layout()
+        main.insertWidget(main.indexOf(self.banner) + 1, self.recovery_row)
+        if self._autosave_pool is not None:  # queued writes still finish after closing
+            self.destroyed.connect(partial(_let_writes_finish, self._autosave_pool))
+
+    def _track(self, future, callback):
+        """Run ``callback(future)`` on the Qt thread once ``future`` is done."""
+        self._recovery_jobs += 1
+        relay = self._relay
+
+        def done(f):
+            with contextlib.suppress(RuntimeError):  # the widget is gone
+                relay.emit((callback, f))
+
+        future.add_done_callback(done)
+
+    def _on_relay(self, payload):
+        callback, future = payload
+        self._recovery_jobs -= 1
+        callback(future)
+
+    def _start_recovery(self, layer, data):
+        from napari_sam.io.recovery import Autosave
+
+        source = getattr(getattr(layer, "source", None), "path", None) or ""
+        saver = Autosave(
+            data,
+            self.annotator.shape,
+            name=layer.name,
+            source=str(source),
+            executor=self._autosave_pool,
+        )
+        self._autosave = saver
+        self._autosave_ready = False
+        self._track(saver.lookup(self.annotator.labels), partial(self._on_lookup, saver))
+
+    def _stop_recovery(self):
+        self._autosave = None
+        self._autosave_ready = False
+        self._recovery = None
+        self.recovery_row.hide()
+
+    def _on_lookup(self, saver, future):
+        if saver is not self._autosave:
+            return  # the session has changed meanwhile
+        exc = future.exception()
+        if exc is not None:
+            self._autosave = None
+            self._autosave_ready = True
+            self._set_banner(
+                f"Autosave is off for this image: could not read its recovery folder "
+                f"({type(exc).__name__}: {exc}). Save your objects with File > Save Selected "
+                "Layers, or set NAPARI_SAM_RECOVERY to a folder you can write to."
+            )
+            return
+        found = future.result()
+        if not found.offer:
+            self._autosave_ready = True
+            return
+        self._recovery = found
+        n = len(found.state.object_ids)
+        damaged = len(found.state.damaged)
+        self.recovery_text.setText(
+            f"An earlier session on this image left {n} object(s) that were not saved "
+            f"(recovery folder {found.path})"
+            + (f"; {damaged} damaged record(s) are skipped" if damaged else "")
+            + ". Restore them, or discard them before committing new objects."
+        )
+        self.restore_button.setText(f"Restore {n} objects")
+        self.recovery_row.show()
+
+    def _recovery_blocks_commit(self) -> bool:
+        if self._autosave is not None and not self._autosave_ready:
+            self._set_status(
+                "first choose 'Restore' or 'Discard' for the objects of the earlier session "
+                "(above), then commit"
+                if self._recovery is not None
+                else "checking the recovery folder of this image; commit again in a moment"
+            )
+            return True
+        return False
+
+    def restore_recovered(self):
+        """Put the objects of the offered earlier session back (layer and records)."""
+        from napari_sam.annotator import from_session_object
+
+        found, ann = self._recovery, self.annotator
+        if found is None or ann is None:
+            return
+        state = found.state
+        try:
+            records = [from_session_object(o, ann.shape) for o in state.session.objects]
+            if ann.labels.any():  # never lose what is on screen: keep it as a layer
+                self.viewer.add_labels(
+                    np.array(ann.labels),
+                    name=f"{self.image_layer.name} SAM objects before restore",
+                    **L.geometry(self.image_layer),
+                )
+            ann.restore_objects(state.labels, records)
+        except (ValueError, TypeError) as e:
+            self._set_banner(f"Could not restore: {e}")
+            return
+        self._recovery = None
+        self.recovery_row.hide()
+        self._autosave_ready = True
+        self._track(self._autosave.accept(), self._on_recovery_write)
+        self.objects_layer.refresh()
+        self._update_buttons()
+        self._set_status(f"restored {len(state.object_ids)} objects from {found.path}")
+
+    def discard_recovered(self):
+        """Delete the offered earlier session's records (the user chose to)."""
+        found, ann = self._recovery, self.annotator
+        if found is None or ann is None:
+            return
+        self._recovery = None
+        self.recovery_row.hide()
+        self._autosave_ready = True
+        self._track(
+            self._autosave.discard(labels_nonempty=bool(ann.labels.any())),
+            self._on_recovery_write,
+        )
+        self._set_status(f"discarded the {len(found.state.object_ids)} earlier objects")
+
+    def _autosave_change(self, text):
+        """Write the annotator's latest labels change to the recovery folder; ``text``
+        (what happened) is reported as done once the write is on disk."""
+        from napari_sam.annotator import autosave_change
+
+        saver = self._autosave
+        future = None
+        if saver is not None and self._autosave_ready and self.annotator is not None:
+            future = autosave_change(saver, self.annotator)
+        if future is None:
+            self._set_status(text)
+            return
+        pending = f"{text}; autosaving..."
+        self._set_status(pending)
+
+        def done(f):
+            self._on_recovery_write(f)
+            if f.exception() is None and self.status_text == pending:
+                self._set_status(f"{text}, autosaved")
+
+        self._track(future, done)
+
+    def _on_recovery_write(self, future):
+        exc = future.exception()
+        if exc is None:
+            if self.banner_text.startswith("Autosave failed"):
+                self._set_banner("")
+            return
+        self._set_banner(
+            f"Autosave failed: {exc}. Your objects are in the layer but not protected "
+            "against a crash: set NAPARI_SAM_RECOVERY to a folder you can write to, or save "
+            "the layer (File > Save Selected Layers). The next commit tries again."
         )
 
 
@@ -938,6 +1132,10 @@ def _prefer_passive_openmp():
 
 def _axis_letters(n):
     return "zyx"[-n:] if n <= 3 else None
+
+
+def _let_writes_finish(pool, *_):
+    pool.shutdown(wait=False)  # queued autosave writes still run; nothing new is accepted
 
 
 def _disconnect(pairs, viewer, keys, runners, executor, *_):

@@ -1,23 +1,36 @@
 """Autosave recovery store: every committed object survives a crash.
 
-One folder per image (keyed by :func:`image_key`) under
-``<cache>/recovery/<key>/`` (``<cache>`` = ``$NAPARI_SAM_CACHE`` or the platformdirs user
-cache folder). Each commit is one small compressed ``.npz`` file holding the object's
+One folder per image (keyed by :func:`image_key`) under :func:`recovery_root`:
+``$NAPARI_SAM_RECOVERY/<key>/`` if that variable is set, else ``<cache>/recovery/<key>/``
+(``<cache>`` = ``$NAPARI_SAM_CACHE`` or the platformdirs user cache folder). Each commit is one small compressed ``.npz`` file holding the object's
 mask cropped to its bounding box, its offset and its :class:`ObjectRecord` as JSON,
 written atomically (temporary sibling, fsync, rename, fsync of the folder). A process
 killed at any instant therefore leaves every earlier commit complete on disk and at most
 one hidden temporary, which restore ignores and :meth:`RecoveryStore.clear` removes.
 One process writes to a store at a time (records are ordered by a sequence number).
 
-A new process calls :func:`list_recoverable` to offer a restore, then
-:meth:`RecoveryStore.restore` to rebuild the labels and the session; after the user has
-saved or exported the labels successfully, the caller clears the store with
-:meth:`RecoveryStore.clear` (never automatic).
+A new process calls :func:`list_recoverable` (or :meth:`Autosave.lookup` for one image)
+to offer a restore, then :meth:`RecoveryStore.restore` to rebuild the labels and the
+session. Stores are never cleared automatically (saving through napari does not reach
+the widget): :meth:`RecoveryStore.clear` / :meth:`Autosave.discard` run when the user
+chooses to discard.
 
-Commit semantics: ``commit(object_id, mask)`` means "after this commit, exactly the pixels
-of ``mask`` carry ``object_id``" (pass the mask as it was painted); it overwrites other
-ids there. ``delete(object_id)`` removes an object. Restoring replays the records in
-order, so the restored labels equal the labels at the last commit.
+Record kinds (restore replays them in order, so the restored labels equal the labels at
+the last record):
+
+- ``commit(object_id, mask)``: "after this commit, exactly the pixels of ``mask`` carry
+  ``object_id``" (pass the mask as it was painted); it overwrites other ids there.
+  ``delete(object_id)`` removes an object.
+- ``patch(offset, values)``: "the labels inside this box are exactly ``values`` now", plus
+  the session objects it adds and the ones (by ``extra["uid"]``) it removes. This is what
+  the annotator writes for a commit and for an undo/redo of one: the box around the
+  changed pixels of one plane, never the whole volume.
+- ``snapshot(labels, objects)``: the whole labels and object list (replaces everything
+  before it); written once when autosave starts on labels that are not empty, and after
+  a failed write so that the store is complete again.
+
+:class:`Autosave` runs these writes for the GUI (and for scripts) in order on one
+background thread.
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ import json
 import os
 import re
 import shutil
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +54,9 @@ from napari_sam.io.atomic import TEMP_PREFIX, atomic_write_bytes, atomic_write_t
 from napari_sam.io.session import ObjectRecord, SessionRecord
 
 __all__ = [
+    "Autosave",
+    "AutosaveError",
+    "Lookup",
     "RecoveredState",
     "RecoveryInfo",
     "RecoveryStore",
@@ -49,12 +67,16 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_ENTRY = re.compile(r"^(\d{10})-(\d+)-(commit|delete)-(\d+)\.npz$")
+_ENTRY = re.compile(r"^(\d{10})-(\d+)-(commit|delete|patch|snapshot)-(\d+)\.npz$")
 _FULL_HASH_BYTES = 1 << 30
 
 
 def recovery_root() -> Path:
-    """``$NAPARI_SAM_CACHE/recovery`` or the platformdirs user cache ``.../recovery``."""
+    """``$NAPARI_SAM_RECOVERY``, else ``$NAPARI_SAM_CACHE/recovery``, else the platformdirs
+    user cache ``.../recovery``."""
+    own = os.environ.get("NAPARI_SAM_RECOVERY")
+    if own:
+        return Path(own).expanduser()
     env = os.environ.get("NAPARI_SAM_CACHE")
     if env:
         base = Path(env).expanduser()
@@ -115,6 +137,12 @@ class RecoveredState:
     session: SessionRecord
     n_records: int
     damaged: list[str] = field(default_factory=list)
+
+    @property
+    def object_ids(self) -> list[int]:
+        """The ids present in the restored labels (what the user sees as objects)."""
+        ids = np.unique(self.labels)
+        return [int(i) for i in ids if i != 0]
 
 
 class RecoveryStore:
@@ -283,49 +311,140 @@ class RecoveryStore:
         object_id = _check_id(object_id)
         return self._write("delete", object_id, {"object_id": np.asarray(object_id)})
 
+    def patch(
+        self,
+        offset: tuple[int, ...],
+        values: Any,
+        *,
+        add: list[ObjectRecord] = (),
+        remove: list[str] = (),
+    ) -> Path:
+        """Record that the labels in the box at ``offset`` are exactly ``values`` now.
+
+        ``values``: integer array (ids, 0 = background) placed at ``offset`` (index of its
+        first element); ``add``: session objects made by this change (each identified by
+        ``extra["uid"]``); ``remove``: uids of objects this change took away (an undo).
+        Returns the record file (durable on return).
+        """
+        values, offset = self._check_box(values, offset)
+        return self._write("patch", 0, self._box_arrays(values, offset, add, remove))
+
+    def snapshot(self, labels: Any, objects: list[ObjectRecord] = ()) -> Path:
+        """Record the whole labels and object list (everything earlier is superseded)."""
+        values, offset = self._check_box(labels, (0,) * len(self.shape))
+        if values.shape != self.shape:
+            raise ValueError(f"snapshot of shape {values.shape}, the labels have {self.shape}")
+        return self._write("snapshot", 0, self._box_arrays(values, offset, objects, ()))
+
+    def _check_box(self, values, offset):
+        values = np.asarray(values)
+        if values.dtype.kind not in "biu" or (values.size and values.min() < 0):
+            raise ValueError(f"label values must be integer ids >= 0, got dtype {values.dtype}")
+        offset = tuple(int(o) for o in offset)
+        if (
+            len(offset) != len(self.shape)
+            or values.ndim != len(self.shape)
+            or any(
+                o < 0 or o + s > n
+                for o, s, n in zip(offset, values.shape, self.shape, strict=True)
+            )
+        ):
+            raise ValueError(
+                f"values of shape {values.shape} at offset {offset} do not fit in the labels "
+                f"shape {self.shape}"
+            )
+        return values, offset
+
+    @staticmethod
+    def _box_arrays(values, offset, add, remove):
+        for o in add:
+            if not isinstance(o, ObjectRecord):
+                raise TypeError(f"objects must be ObjectRecords, got {type(o).__name__}")
+        return {
+            "values": values,
+            "offset": np.asarray(offset, dtype=np.int64),
+            "add": np.asarray(json.dumps([_asdict(o) for o in add])),
+            "remove": np.asarray(json.dumps([str(u) for u in remove])),
+        }
+
     # -- restoring
+    @staticmethod
+    def _load(f: Path, kind: str):
+        with np.load(f, allow_pickle=False) as z:
+            if kind == "commit":
+                shape = tuple(int(s) for s in z["shape"])
+                n = int(np.prod(shape))
+                mask = np.unpackbits(z["mask"], count=n).astype(bool).reshape(shape)
+                offset = tuple(int(o) for o in z["offset"])
+                return mask, offset, json.loads(str(z["record"]))
+            if kind in ("patch", "snapshot"):
+                values = z["values"]
+                offset = tuple(int(o) for o in z["offset"])
+                return values, offset, (json.loads(str(z["add"])), json.loads(str(z["remove"])))
+            return None, None, None
+
     def restore(self) -> RecoveredState:
-        """Replay the log: labels (smallest dtype for the largest id) and the session."""
-        entries = self._entries()
+        """Replay the log: labels (smallest dtype for the largest id) and the session.
+
+        ``session.objects`` lists the objects in the order they were made (one entry per
+        annotator commit, so an id extended by a later commit appears twice).
+        """
         damaged: list[str] = []
         loaded = []
-        for seq, _pid, kind, oid, f in entries:
+        for seq, _pid, kind, oid, f in self._entries():
             try:
-                with np.load(f, allow_pickle=False) as z:
-                    if kind == "commit":
-                        shape = tuple(int(s) for s in z["shape"])
-                        n = int(np.prod(shape))
-                        mask = np.unpackbits(z["mask"], count=n).astype(bool).reshape(shape)
-                        offset = tuple(int(o) for o in z["offset"])
-                        rec = json.loads(str(z["record"]))
-                        loaded.append((seq, kind, oid, mask, offset, rec))
-                    else:
-                        loaded.append((seq, kind, oid, None, None, None))
+                loaded.append((seq, kind, oid, *self._load(f, kind)))
             except Exception as e:  # a damaged file must not stop the rest
                 damaged.append(f"{f.name}: {type(e).__name__}: {e}")
         from napari_sam.io._arrays import smallest_uint
 
-        max_id = max((e[2] for e in loaded if e[1] == "commit"), default=0)
+        max_id = 0
+        for _seq, kind, oid, data, *_ in loaded:
+            if kind == "commit":
+                max_id = max(max_id, oid)
+            elif kind in ("patch", "snapshot") and data.size:
+                max_id = max(max_id, int(data.max()))
         labels = np.zeros(self.shape, dtype=smallest_uint(max_id))
-        boxes: dict[int, tuple[slice, ...]] = {}
-        records: dict[int, ObjectRecord | None] = {}
-        for _seq, kind, oid, mask, offset, rec in loaded:
-            if oid in boxes:  # clear the object's previous pixels (inside its last box)
-                region = labels[boxes.pop(oid)]
-                region[region == oid] = 0
-            records.pop(oid, None)
-            if kind == "delete":
+        boxes: dict[int, tuple[slice, ...]] = {}  # a box holding every pixel of each id
+        # (needed only by commit/delete records; the annotator's patches replace boxes)
+        track = any(e[1] in ("commit", "delete") for e in loaded)
+        records: dict[str, ObjectRecord | None] = {}
+        for seq, kind, oid, data, offset, extra in loaded:
+            if kind in ("commit", "delete"):
+                if oid in boxes:  # clear the object's previous pixels
+                    region = labels[boxes.pop(oid)]
+                    region[region == oid] = 0
+                for k in [k for k, r in records.items() if _is_of(k, r, oid)]:
+                    del records[k]
+                if kind == "delete":
+                    continue
+                if data.size:
+                    box = tuple(slice(o, o + s) for o, s in zip(offset, data.shape, strict=True))
+                    labels[box][data] = oid
+                    boxes[oid] = box
+                records[f"#{oid}"] = _object_from(extra, oid)
                 continue
-            if mask.size:
-                box = tuple(slice(o, o + s) for o, s in zip(offset, mask.shape, strict=True))
-                labels[box][mask] = oid
-                boxes[oid] = box
-            records[oid] = _object_from(rec, oid)
+            add, remove = extra
+            if kind == "snapshot":
+                labels[...] = 0
+                boxes.clear()
+                records.clear()
+            box = tuple(slice(o, o + s) for o, s in zip(offset, data.shape, strict=True))
+            labels[box] = data
+            for v in np.unique(data) if track else ():
+                if v:
+                    boxes[int(v)] = _union(boxes.get(int(v)), box)
+            for uid in remove:
+                records.pop(f"uid:{uid}", None)
+            for i, d in enumerate(add):
+                obj = _object_from(d, int(d["object_id"]))
+                uid = obj.extra.get("uid") or f"{seq}.{i}"
+                records[f"uid:{uid}"] = obj
         base = self.manifest.get("session")
         session = SessionRecord.from_dict(base) if base else SessionRecord()
         session.objects = []
-        for oid, rec in records.items():
-            session.objects.append(rec if rec is not None else ObjectRecord(object_id=oid))
+        for k, rec in records.items():
+            session.objects.append(rec if rec is not None else ObjectRecord(object_id=int(k[1:])))
         session.image_shape = self.shape
         session.image_key = self.key
         session.image_name = session.image_name or self.manifest.get("image_name", "")
@@ -334,7 +453,7 @@ class RecoveryStore:
         )
 
     def clear(self) -> None:
-        """Delete the store (call after the labels were saved or exported successfully)."""
+        """Delete the store (the user chose to discard it)."""
         shutil.rmtree(self.path, ignore_errors=True)
 
     def info(self) -> RecoveryInfo:
@@ -347,7 +466,7 @@ class RecoveryStore:
             path=self.path,
             image_name=self.manifest.get("image_name", ""),
             shape=self.shape,
-            n_commits=sum(e[2] == "commit" for e in entries),
+            n_commits=sum(e[2] in ("commit", "patch", "snapshot") for e in entries),
             modified=mtime,
             source=self.manifest.get("source", ""),
         )
@@ -357,6 +476,18 @@ def _check_id(object_id: Any) -> int:
     if isinstance(object_id, bool) or int(object_id) != object_id or int(object_id) < 1:
         raise ValueError(f"object_id must be an integer >= 1 (0 is background), got {object_id!r}")
     return int(object_id)
+
+
+def _is_of(key: str, rec: ObjectRecord | None, oid: int) -> bool:
+    return key == f"#{oid}" or (rec is not None and rec.object_id == oid)
+
+
+def _union(a: tuple[slice, ...] | None, b: tuple[slice, ...]) -> tuple[slice, ...]:
+    if a is None:
+        return b
+    return tuple(
+        slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b, strict=True)
+    )
 
 
 def _asdict(record: ObjectRecord) -> dict[str, Any]:
@@ -390,3 +521,182 @@ def list_recoverable(root: str | os.PathLike | None = None) -> list[RecoveryInfo
             out.append(store.info())
     out.sort(key=lambda i: i.modified, reverse=True)
     return out
+
+
+@dataclass
+class Lookup:
+    """What :meth:`Autosave.lookup` found for an image at start-up.
+
+    ``state``: what an earlier session left (None: no records); ``same``: the store
+    already holds exactly the current labels (e.g. the same session after a model change).
+    """
+
+    key: str
+    path: Path
+    state: RecoveredState | None = None
+    same: bool = False
+
+    @property
+    def offer(self) -> bool:
+        """An earlier session left objects that are not on screen: offer a restore."""
+        return self.state is not None and not self.same and bool(self.state.object_ids)
+
+
+class AutosaveError(RuntimeError):
+    """A write to the recovery store failed (the message names the folder)."""
+
+
+class Autosave:
+    """Writes every change of one image's labels to its :class:`RecoveryStore`, in order.
+
+    All work (hashing the image, reading an earlier store, writing records) runs on
+    ``executor`` (a single-thread ``concurrent.futures`` executor, so writes keep their
+    order; None: inline on the calling thread). Each method returns a ``Future``; a write
+    has reached the disk (fsynced) when its future is done without an exception.
+
+    Protocol: :meth:`lookup` first (:class:`Lookup`: offer a restore or not); when it
+    offers one, :meth:`accept` (the restored labels are on screen now) or :meth:`discard`
+    (delete the earlier records); then one :meth:`patch` per change, or a
+    :meth:`snapshot` while :attr:`needs_snapshot` (the labels on screen are not in the
+    store yet, or a write failed). The folder is created by the first write, so an image
+    that is never annotated leaves none.
+    """
+
+    def __init__(
+        self,
+        image: Any,
+        shape: tuple[int, ...],
+        *,
+        name: str = "",
+        source: str = "",
+        session: SessionRecord | None = None,
+        root: str | os.PathLike | None = None,
+        executor=None,
+    ):
+        self.image = image
+        self.shape = tuple(int(s) for s in shape)
+        self.name = name
+        self.source = source
+        self.session = session
+        self.root = Path(root) if root is not None else recovery_root()
+        self.executor = executor
+        self.key: str | None = None
+        self.store: RecoveryStore | None = None
+        #: the next write must be a snapshot (labels not in the store, or a write failed)
+        self.needs_snapshot = False
+        self._broken = False
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path | None:
+        """The store folder (known once :meth:`lookup` has run)."""
+        return self.root / self.key if self.key else None
+
+    def _submit(self, fn, *args) -> Future:
+        if self.executor is not None:
+            return self.executor.submit(fn, *args)
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller via the future
+            fut.set_exception(e)
+        return fut
+
+    # -- start-up
+    def lookup(self, labels: Any) -> Future:
+        """Hash the image and read an earlier store of it; the result is a :class:`Lookup`.
+
+        ``labels``: the labels on screen now (compared with the store's content; not
+        changed meanwhile by the caller).
+        """
+        return self._submit(self._lookup, labels)
+
+    def _lookup(self, labels) -> Lookup:
+        self.key = image_key(self.image)
+        found = Lookup(self.key, self.root / self.key)
+        nonempty = bool(np.any(labels))
+        if not (found.path / MANIFEST).exists():
+            self.needs_snapshot = nonempty
+            return found
+        store = RecoveryStore(self.key, shape=self.shape, root=self.root)
+        found.state = store.restore() if len(store) else None
+        if found.state is not None:
+            found.same = found.state.labels.shape == np.shape(labels) and bool(
+                np.array_equal(found.state.labels, labels)
+            )
+        if not found.offer:
+            self.store = store
+            self.needs_snapshot = nonempty and not found.same
+        return found
+
+    def accept(self) -> Future:
+        """Keep the earlier records: the labels on screen now equal the restored ones."""
+        self.needs_snapshot = False
+
+        def run():
+            with self._lock:
+                self.store = RecoveryStore(self.key, shape=self.shape, root=self.root)
+
+        return self._submit(run)
+
+    def discard(self, labels_nonempty: bool = False) -> Future:
+        """Delete the earlier records (after the user chose to); later writes start anew.
+
+        ``labels_nonempty``: the labels on screen hold objects (the next write saves them).
+        """
+        self.needs_snapshot = labels_nonempty
+
+        def run():
+            with self._lock:
+                path = self.root / self.key
+                shutil.rmtree(path, ignore_errors=True)
+                self.store = None
+                if path.exists():
+                    raise AutosaveError(
+                        f"could not delete the recovery folder {str(path)!r}; delete it by hand"
+                    )
+
+        return self._submit(run)
+
+    # -- writing
+    def patch(self, offset, values, add=(), remove=()) -> Future:
+        """Queue a :meth:`RecoveryStore.patch` (``values`` must be a copy: written later)."""
+        return self._submit(self._write, "patch", offset, values, list(add), list(remove))
+
+    def snapshot(self, labels, objects=()) -> Future:
+        """Queue a :meth:`RecoveryStore.snapshot` (``labels`` must be a copy)."""
+        self.needs_snapshot = False
+        return self._submit(self._write, "snapshot", None, labels, list(objects), [])
+
+    def _write(self, kind, offset, values, add, remove):
+        with self._lock:
+            if kind == "patch" and self._broken:
+                # an earlier record is missing: patches alone would restore wrong labels
+                self.needs_snapshot = True
+                raise AutosaveError(
+                    "not written: an earlier autosave failed; the next commit writes all "
+                    "objects again"
+                )
+            try:
+                if self.store is None or not (self.store.path / MANIFEST).exists():
+                    self.store = RecoveryStore(
+                        self.key,
+                        shape=self.shape,
+                        image_name=self.name,
+                        source=self.source,
+                        session=self.session,
+                        root=self.root,
+                    )
+                if kind == "snapshot":
+                    path = self.store.snapshot(values, add)
+                else:
+                    path = self.store.patch(offset, values, add=add, remove=remove)
+            except Exception as e:
+                self._broken = True
+                self.needs_snapshot = True
+                raise AutosaveError(
+                    f"could not write the recovery folder {str(self.root / str(self.key))!r} "
+                    f"({type(e).__name__}: {e})"
+                ) from e
+            self._broken = False
+            return path
