@@ -33,6 +33,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", help="synthetic scene kind (mixed, nuclei, cells, ...)")
     p.add_argument("--model-config", help="JSON dict of model settings (nsam_s keys)")
     p.add_argument("--init", help="state_dict (.pt) to start from (fine-tuning)")
+    p.add_argument(
+        "--from-phase",
+        type=int,
+        default=0,
+        help="with --recipe: start at this phase (from --init, or from the previous "
+        "phase's best weights in --out)",
+    )
     p.add_argument("--frozen-encoder", action="store_true", help="train only prompt+decoder")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt")
     p.add_argument("--images", nargs="+", help="training images (TIFF/.npy)")
@@ -117,7 +124,18 @@ def run(args) -> int:
     out = Path(args.out)
     prev = None
     model = None
+    start = args.from_phase
+    if not 0 <= start < len(phases):
+        raise ValueError(f"--from-phase {start}: the run has phases 0 to {len(phases) - 1}")
+    if start and not args.init:
+        prev = loop.weights_path(loop.TrainConfig(out_dir=str(out / f"phase{start - 1}")))
+        if not prev.is_file():
+            raise FileNotFoundError(
+                f"--from-phase {start} needs phase {start - 1}'s weights ({prev}) or --init"
+            )
     for i, phase in enumerate(phases):
+        if i < start:
+            continue
         fields = {**phase, **overrides}
         if len(phases) > 1:
             fields["out_dir"] = str(out / f"phase{i}")

@@ -92,3 +92,32 @@ def test_multi_phase_recipe_chains_weights(tmp_path, monkeypatch):
             assert torch.equal(v, p1["model"][k]), k
     with pytest.raises(ValueError, match="unknown recipe"):
         recipes.recipe("nope")
+
+
+def test_recipe_from_a_later_phase(tmp_path, monkeypatch, capsys):
+    from napari_sam.train import recipes
+
+    phase = {"steps": 2, "eval_every": 2, "eval_images": 2, "images_per_step": 1}
+    monkeypatch.setitem(recipes.RECIPES, "tiny3", [dict(phase), dict(phase), {**phase, "lr": 0.0}])
+    out = tmp_path / "r"
+    # phase 1 needs phase 0's weights: missing -> a clear error, nothing trained
+    assert (
+        main(["train", "--recipe", "tiny3", "--out", str(out), "--from-phase", "1", *COMMON]) == 2
+    )
+    assert "phase 0's weights" in capsys.readouterr().err and not out.exists()
+    assert (
+        main(["train", "--recipe", "tiny3", "--out", str(out), "--from-phase", "3", *COMMON]) == 2
+    )
+    assert "phases 0 to 2" in capsys.readouterr().err
+    # from phase 2 with --init: phases 0 and 1 are skipped; lr 0 keeps the init weights
+    init = tmp_path / "init.pt"
+    assert main(["train", "--out", str(tmp_path / "a"), "--steps", "1", "--eval-every", "0",
+                 "--export", str(init), *COMMON]) == 0  # fmt: skip
+    args = ["train", "--recipe", "tiny3", "--out", str(out), "--from-phase", "2"]
+    assert main([*args, "--init", str(init), *COMMON]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["phase2"]
+    p2 = torch.load(out / "phase2" / "last.pt", weights_only=True)
+    assert p2["config"]["init"] == str(init)
+    start = torch.load(init, weights_only=True)
+    w = "mask_decoder.iou_prediction_head.layers.0.weight"
+    torch.testing.assert_close(p2["model"][w], start[w].float())

@@ -45,6 +45,23 @@ RECIPES: dict[str, list[dict]] = {
             "threads": 1,
             "seed": 1,
         },
+        {  # session 2: a long run from phase 1's best weights (the model shipped before
+            # it), same data settings, warm restart at half the lr
+            "canvas": 192,
+            "steps": 7000,
+            "images_per_step": 4,
+            "objects_per_image": 6,
+            "max_rounds": 3,
+            "scale_range": [0.5, 2.5],
+            "uint8_passthrough": 0.7,
+            "lr": 5e-4,
+            "warmup": 100,
+            "eval_every": 500,
+            "eval_images": 20,
+            "ckpt_every": 25,
+            "threads": 1,
+            "seed": 2,
+        },
     ],
 }
 
