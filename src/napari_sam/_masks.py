@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: Above this fraction of output pixels in mixed cells, :func:`upsample_binary` interpolates all.
+#: Above this fraction of a mask's pixels in mixed cells, :func:`upsample_binary` interpolates
+#: all of that mask.
 _MAX_MIXED_FRACTION = 0.15
 
 
@@ -105,13 +106,15 @@ def upsample_binary(
     c00, c10, c01, c11 = pos[..., :-1, :-1], pos[..., 1:, :-1], pos[..., :-1, 1:], pos[..., 1:, 1:]
     inside = c00 & c10 & c01 & c11  # cell decided: inside
     mixed = (c00 | c10 | c01 | c11) & ~inside  # corners disagree
-    n_mixed = int(mixed.sum())
-    if (
-        n_mixed * max(sy, 1.0) * max(sx, 1.0)
-        > _MAX_MIXED_FRACTION * pos[..., 0, 0].numel() * oh * ow
-    ):
-        # Ragged masks (e.g. random weights): plain interpolation is cheaper.
+    # Ragged masks (e.g. random weights): plain interpolation is cheaper. Decided per mask,
+    # so that a mask does not depend on the other masks of the batch.
+    per_mask = mixed.flatten(-2).sum(-1)  # B x M
+    ragged = per_mask * (max(sy, 1.0) * max(sx, 1.0)) > _MAX_MIXED_FRACTION * oh * ow
+    if bool(ragged.all()):
         return upsample_logits(low_res, input_size, original_size, img_size) > threshold
+    if bool(ragged.any()):
+        mixed &= ~ragged[..., None, None]
+    n_mixed = int(mixed.sum())
     # Every pixel copies its cell's "inside" decision (columns first, on the small array,
     # then whole rows; numpy's take is several times faster than index_select here) ...
     if dev.type == "cpu":
@@ -119,6 +122,9 @@ def upsample_binary(
         out = torch.from_numpy(out_np)
     else:
         out = inside.index_select(-1, ix).index_select(-2, iy)  # B x M x H x W
+    if bool(ragged.any()):  # B x M x H x W bool, sharing out_np's memory on the CPU
+        plain = upsample_logits(low_res[ragged][None], input_size, original_size, img_size)
+        out[ragged] = plain[0] > threshold
     if n_mixed == 0:
         return out
     cells = mixed.nonzero()  # K x 4 (b, m, a, c)

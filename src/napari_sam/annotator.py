@@ -21,6 +21,11 @@ Rules (also in docs/usage.md):
   logits go with the new prompts as SAM's dense ``mask_input``, the way SAM's demo
   refines with extra clicks. Moving or deleting a point, or changing the box, predicts
   from the prompts alone.
+- **Display size.** On a plane larger than ``display_max_side`` on a side the three
+  candidates are computed at a reduced size (blocks of ``k x k`` pixels, see
+  :func:`napari_sam.slicing.display_size`): a preview that is cheap to compute and show.
+  The commit writes the selected candidate at full resolution, recomputed from its
+  low-res logits: exactly the mask an uncapped session commits.
 - **Commit** writes the selected candidate into the labels plane of the current slice
   with a new id (``max id + 1``) or a chosen one. Overlap with committed objects follows
   ``overlap``: ``"keep"`` (default) leaves pixels of other objects untouched, the new
@@ -60,12 +65,17 @@ from napari_sam.slicing import (
     check_image_shape,
     check_key,
     default_key,
+    display_size,
     plane_index,
     plane_shape,
     take_plane,
 )
 
 OVERLAP_RULES = ("keep", "overwrite")
+
+#: Default :attr:`Annotator.display_max_side`: candidates of larger planes are computed and
+#: shown at a reduced size (docs/performance.md, "Interaction").
+DISPLAY_MAX_SIDE = 1024
 
 #: Names of SAM's three multimask outputs, in output order (SAM paper, Sec. 3).
 CANDIDATE_NAMES = ("sub-part", "part", "whole")
@@ -134,8 +144,10 @@ def _same_box(a, b) -> bool:
 class Candidates:
     """SAM's three candidates for one prompt state on one slice.
 
-    masks: ``(3, H, W) bool``; ious: ``(3,) float32`` predicted IoU; logits:
-    ``(3, h, w) float32`` low-res logits (``h = w = 256`` for SAM).
+    masks: ``(3, H, W) bool``, or ``(3, h, w)`` at the plane's display size (see
+    ``scale``); ious: ``(3,) float32`` predicted IoU; logits: ``(3, 4h', 4w') float32``
+    low-res logits (``256 x 256`` for SAM). ``scale``: plane pixels per mask pixel
+    ``(H / h, W / w)``, ``(1.0, 1.0)`` at full resolution.
     """
 
     key: SliceKey
@@ -144,6 +156,12 @@ class Candidates:
     masks: np.ndarray
     ious: np.ndarray
     logits: np.ndarray
+    scale: tuple[float, float] = (1.0, 1.0)
+
+    @property
+    def reduced(self) -> bool:
+        """The masks are smaller than the plane (see :attr:`Annotator.display_max_side`)."""
+        return self.scale != (1.0, 1.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,7 +169,8 @@ class PredictionRequest:
     """Everything one decoder call needs, frozen so that it can go to a worker thread.
 
     points_xy: ``(N, 2) (x, y)`` or None; point_labels ``(N,)``; box_xyxy ``(4,)`` or None;
-    mask_input ``(1, h, w)`` or None.
+    mask_input ``(1, h, w)`` or None; mask_size: ``(h, w)`` of the masks, None for the
+    plane's size.
     """
 
     key: SliceKey
@@ -162,6 +181,7 @@ class PredictionRequest:
     point_labels: np.ndarray | None
     box_xyxy: np.ndarray | None
     mask_input: np.ndarray | None
+    mask_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -306,6 +326,11 @@ class Annotator:
         Default overlap rule for :meth:`commit`: ``"keep"`` or ``"overwrite"``.
     refine
         Use the previous candidate's logits as a dense prompt when points are added.
+    display_max_side
+        Candidates of planes larger than this on a side are computed at a reduced size
+        (:func:`napari_sam.slicing.display_size`); commits stay at full resolution. None
+        or 0: always full resolution. Needs a predictor with ``masks_from_logits``
+        (:class:`napari_sam.predictor.SamPredictor`); ignored otherwise.
     """
 
     def __init__(
@@ -320,6 +345,7 @@ class Annotator:
         cache_bytes: int = 512 * 2**20,
         overlap: str = "keep",
         refine: bool = True,
+        display_max_side: int | None = DISPLAY_MAX_SIDE,
     ):
         self.shape = check_image_shape(np.shape(image), rgb)
         self.image = image
@@ -330,6 +356,17 @@ class Annotator:
         self.cache_bytes = int(cache_bytes)
         self.refine = refine
         self.overlap = _check_overlap(overlap)
+        if display_max_side is not None and (
+            isinstance(display_max_side, bool)
+            or not isinstance(display_max_side, int | np.integer)
+            or display_max_side < 0
+        ):
+            raise ValueError(
+                f"display_max_side must be a positive number of pixels, 0 or None (no "
+                f"limit); got {display_max_side!r}"
+            )
+        #: longest side of the candidate masks (see the module docstring); None: no limit
+        self.display_max_side = display_max_side
         if labels is None:
             labels = np.zeros(self.shape, dtype=np.uint32)
         else:
@@ -370,6 +407,14 @@ class Annotator:
     @property
     def plane_shape(self) -> tuple[int, int]:
         return plane_shape(self.shape, self._key)
+
+    def display_size(self, key: SliceKey | None = None) -> tuple[int, int]:
+        """``(h, w)`` of the candidate masks of plane ``key`` (default: the current one):
+        the plane's size, or less under :attr:`display_max_side`."""
+        size = plane_shape(self.shape, self._key if key is None else key)
+        if not hasattr(self.predictor, "masks_from_logits"):
+            return size
+        return display_size(size, self.display_max_side)
 
     def set_slice(self, key: SliceKey) -> bool:
         """Make ``key`` the current plane; returns True if it changed."""
@@ -662,7 +707,9 @@ class Annotator:
             lab = prompts.labels.copy()
         box = box_rc_to_xyxy(prompts.box.reshape(2, 2)) if prompts.box is not None else None
         mask = prompts.refine.logits if prompts.refine is not None else None
-        return PredictionRequest(self._key, self._version, prompts, emb, pts, lab, box, mask)
+        size = self.display_size()
+        size = None if size == self.plane_shape else size
+        return PredictionRequest(self._key, self._version, prompts, emb, pts, lab, box, mask, size)
 
     @property
     def waiting_for_embedding(self) -> bool:
@@ -686,20 +733,25 @@ class Annotator:
                 # with a shared predictor the encoder may have replaced the embedding
                 self.predictor.set_embedding(request.embedding)
                 self._decoder_key = request.key
+            reduced = {} if request.mask_size is None else {"mask_size": request.mask_size}
             masks, ious, logits = self.predictor.predict(
                 point_coords=request.points_xy,
                 point_labels=request.point_labels,
                 box=request.box_xyxy,
                 mask_input=request.mask_input,
                 multimask_output=True,
+                **reduced,
             )
+        masks = np.asarray(masks).astype(bool, copy=False)
+        (H, W), (h, w) = plane_shape(self.shape, request.key), masks.shape[-2:]
         return Candidates(
             request.key,
             request.version,
             request.prompts,
-            np.asarray(masks).astype(bool, copy=False),
+            masks,
             np.asarray(ious, dtype=np.float32),
             np.asarray(logits, dtype=np.float32),
+            (H / h, W / w),
         )
 
     def apply(self, candidates: Candidates) -> bool:
@@ -733,6 +785,23 @@ class Annotator:
     def next_id(self) -> int:
         return self._next_id
 
+    def candidate_mask(self, index: int | None = None) -> np.ndarray | None:
+        """``(H, W) bool``: candidate ``index`` (default: the selected one) of the current
+        candidates at full resolution (recomputed from its low-res logits when the
+        candidates are at a reduced size); None without candidates."""
+        cands = self.candidates
+        if cands is None:
+            return None
+        index = self.selected if index is None else int(index)
+        if not cands.reduced:
+            return cands.masks[index]
+        return np.asarray(
+            self.predictor.masks_from_logits(
+                cands.logits[index], original_size=plane_shape(self.shape, cands.key)
+            ),
+            dtype=bool,
+        )
+
     def commit(self, label_id: int | None = None, overlap: str | None = None) -> ObjectRecord:
         """Write the selected candidate into :attr:`labels`; see the module docstring.
 
@@ -751,7 +820,7 @@ class Annotator:
         new_id = self._next_id if label_id is None else _check_id(label_id, self.labels.dtype)
         if label_id is None:
             _check_id(new_id, self.labels.dtype)
-        mask = cands.masks[sel]
+        mask = self.candidate_mask(sel)
         view = self.labels[plane_index(self._key)]
         target = mask & (view != new_id)
         if overlap == "keep":

@@ -9,7 +9,9 @@ Conventions (the same as segment-anything's predictor, so prompts and results me
 same): points ``(N, 2)`` are ``(x, y)`` pixels of the slice given to ``set_image``, labels
 1 = foreground / 0 = background, boxes ``XYXY``; ``mask_input`` holds low-resolution logits
 ``(1, 4h, 4w)`` (``(1, 256, 256)`` for SAM), e.g. ``low_res_logits[i:i+1]`` of an earlier
-call; masks come back at the slice's resolution. napari's (row, col) is converted in
+call; masks come back at the slice's resolution (or at a smaller ``mask_size`` for a cheap
+preview, with :meth:`SamPredictor.masks_from_logits` giving a candidate's full-resolution
+mask from its low-res logits afterwards). napari's (row, col) is converted in
 :mod:`napari_sam.prompts` only.
 
 Speed: the decoder runs through :mod:`napari_sam._fast_decoder` (same numbers, fewer
@@ -342,6 +344,7 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        mask_size: tuple[int, int] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for prompts on the current slice (numpy in, numpy out).
 
@@ -353,14 +356,22 @@ class SamPredictor:
                 ``low_res_logits[[i]]`` of a previous call; (B, 1, 4h, 4w) with a box batch.
             multimask_output: 3 candidate masks (True) or 1 (False).
             return_logits: return float32 logits instead of bool masks.
+            mask_size: (h, w) of the returned masks, default the slice size (H, W). Output
+                pixel (i, j) samples the logits at the centre of the slice region it covers,
+                slice pixel ``((i + 0.5) * H / h - 0.5, (j + 0.5) * W / w - 0.5)``: one
+                interpolation from the low-res logits, so a small ``mask_size`` is cheap
+                (e.g. a preview of a large slice; :meth:`masks_from_logits` gives the
+                full-resolution mask later). ``mask_size = (H, W)`` is the default.
 
         Returns:
             masks (C, H, W) bool (or float32 logits), iou_predictions (C,) float32,
             low_res_logits (C, 4h, 4w) float32; with a box batch (B, C, H, W), (B, C),
-            (B, C, 4h, 4w). C = 3 (multimask) or 1; (H, W) is the slice size.
+            (B, C, 4h, 4w). C = 3 (multimask) or 1; (H, W) is the slice size, or
+            ``mask_size``.
         """
         self._require_image("predict")
         size = self.original_size
+        out_size = _check_mask_size(mask_size, size)
         batched = False
         coords_t = labels_t = box_t = mask_t = None
         if point_coords is not None:
@@ -396,7 +407,7 @@ class SamPredictor:
                 "predict needs a prompt: point_coords + point_labels, box or mask_input"
             )
         masks, iou, low_res = self._predict(
-            coords_t, labels_t, box_t, mask_t, multimask_output, return_logits, size
+            coords_t, labels_t, box_t, mask_t, multimask_output, return_logits, out_size
         )
         masks, iou, low_res = masks.cpu().numpy(), iou.cpu().numpy(), low_res.cpu().numpy()
         if batched:
@@ -418,6 +429,7 @@ class SamPredictor:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        mask_size: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batched prediction with prompts already in the resized input frame.
 
@@ -428,12 +440,15 @@ class SamPredictor:
             boxes: (B, 4) XYXY in the resized frame (``transform.apply_boxes``), or None.
             mask_input: (B, 1, 4h, 4w) low-res logits, or None.
             A batch of 1 (points or mask_input) is shared by all B boxes.
+            mask_size: (h, w) of the returned masks (see :meth:`predict`), default the
+                slice size.
 
         Returns:
-            masks (B, C, H, W) bool (or logits) at the slice size, iou_predictions (B, C),
-            low_res_logits (B, C, 4h, 4w).
+            masks (B, C, H, W) bool (or logits) at the slice size (or ``mask_size``),
+            iou_predictions (B, C), low_res_logits (B, C, 4h, 4w).
         """
         self._require_image("predict_torch")
+        out_size = _check_mask_size(mask_size, self.original_size)
         if point_coords is not None:
             if point_labels is None:
                 raise ValueError("point_labels must be given with point_coords")
@@ -459,8 +474,59 @@ class SamPredictor:
             mask_input,
             multimask_output,
             return_logits,
-            self.original_size,
+            out_size,
         )
+
+    @torch.inference_mode()
+    def masks_from_logits(
+        self,
+        low_res_logits,
+        size: tuple[int, int] | None = None,
+        *,
+        original_size: tuple[int, int] | None = None,
+        return_logits: bool = False,
+    ) -> np.ndarray:
+        """Masks from low-res logits of an earlier :meth:`predict` call, e.g. one candidate.
+
+        The same computation as in :meth:`predict`: ``masks_from_logits(low_res[i])``
+        equals ``predict(...)[0][i]`` of the call that returned ``low_res`` (at any
+        ``mask_size`` given as ``size``), bit for bit.
+
+        Args:
+            low_res_logits: (4h, 4w), (C, 4h, 4w) or (B, C, 4h, 4w) float logits (numpy or
+                torch), ``(256, 256)`` per mask for SAM.
+            size: (h, w) of the returned masks; default the slice size.
+            original_size: (H, W) of the slice the logits belong to; default the current
+                slice (``set_image``). Needs no embedding when given.
+            return_logits: float32 logits instead of bool masks.
+
+        Returns:
+            masks of shape ``low_res_logits.shape[:-2] + size``, bool (or float32 logits).
+        """
+        if original_size is None:
+            self._require_image("masks_from_logits")
+            original_size = self.original_size
+        original_size = _check_mask_size(original_size, None)
+        out_size = _check_mask_size(size, original_size)
+        low = torch.as_tensor(np.asarray(low_res_logits, dtype=np.float32))
+        want = tuple(int(s) for s in self.model.prompt_encoder.mask_input_size)
+        if low.ndim not in (2, 3, 4) or tuple(low.shape[-2:]) != want:
+            raise ValueError(
+                f"low_res_logits must be ({want[0]}, {want[1]}) low-res logits per mask, "
+                f"optionally with leading (C,) or (B, C) axes; got shape {tuple(low.shape)}"
+            )
+        lead = tuple(low.shape[:-2])
+        low = low.reshape(-1, *low.shape[-2:])[None].to(self.device)  # 1 x M x 4h x 4w
+        geometry = (
+            self.transform.input_size(original_size),
+            out_size,
+            self.transform.target_length,
+        )
+        if return_logits:
+            masks = upsample_logits(low, *geometry)
+        else:
+            masks = upsample_binary(low, *geometry, getattr(self.model, "mask_threshold", 0.0))
+        return masks.cpu().numpy().reshape(*lead, *out_size)
 
     def _predict(self, coords, labels, boxes, mask_input, multimask_output, return_logits, size):
         pe = self.model.prompt_encoder
@@ -503,9 +569,26 @@ class SamPredictor:
             fast=self.fast_decoder,
             ws=self._workspace,
         )
+        # masks at ``size`` (the slice size unless a mask_size was asked for)
         geometry = (self.input_size, size, self.transform.target_length)
         if return_logits:
             masks = upsample_logits(low_res, *geometry)
         else:
             masks = upsample_binary(low_res, *geometry, getattr(self.model, "mask_threshold", 0.0))
         return masks, iou, low_res
+
+
+def _check_mask_size(mask_size, default) -> tuple[int, int]:
+    """``(h, w)`` as two positive ints; ``default`` when None."""
+    if mask_size is None:
+        if default is None:
+            raise ValueError("a mask size (h, w) is needed")
+        return tuple(default)
+    try:
+        h, w = (int(v) for v in mask_size)
+        ok = h == mask_size[0] and w == mask_size[1] and h >= 1 and w >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"mask size must be two positive integers (h, w), got {mask_size!r}")
+    return h, w

@@ -161,8 +161,24 @@ def drop_to_plane(points_nd, key: SliceKey) -> np.ndarray:
     return pts[:, [r, c]].copy()
 
 
+def display_size(size: Sequence[int], max_side: int | None) -> tuple[int, int]:
+    """``(h, w)`` of a plane of ``size`` ``(H, W)`` shown with at most ``max_side`` pixels
+    per side: blocks of ``k x k`` plane pixels, ``k = ceil(max(H, W) / max_side)``, become
+    one display pixel (``h = round(H / k)``; exactly ``H / k`` when ``k`` divides ``H``).
+    ``(H, W)`` itself when the plane fits or ``max_side`` is None or 0."""
+    H, W = (int(v) for v in size)
+    if not max_side or max(H, W) <= max_side:
+        return H, W
+    k = -(-max(H, W) // int(max_side))
+    return max(1, int(H / k + 0.5)), max(1, int(W / k + 0.5))
+
+
 def plane_translate(
-    key: SliceKey, scale: Sequence[float], translate: Sequence[float], linear=None
+    key: SliceKey,
+    scale: Sequence[float],
+    translate: Sequence[float],
+    linear=None,
+    block: Sequence[float] | None = None,
 ):
     """Translate for a layer holding only this plane (size 1 on the sliced axes).
 
@@ -171,15 +187,31 @@ def plane_translate(
     maps to where the image's index ``key[axis]`` is. ``linear``: the ``(S, S)`` linear
     part of the image's data-to-physical transform (rotate @ shear @ diag(scale)); by
     default ``diag(scale)``.
+
+    ``block``: ``(rows, cols)`` plane pixels per layer pixel, for a layer holding the plane
+    at a reduced size (:func:`display_size`; its scale is the image's times ``block`` on
+    the in-plane axes). With pixel centres at integers, layer pixel ``i`` covers plane
+    pixels ``i * b - 0.5 .. (i + 1) * b - 0.5`` and its centre is plane position
+    ``i * b + (b - 1) / 2``: the offset added here.
     """
     offset = np.array([0.0 if k is None else float(k) for k in key])
+    if block is not None:
+        for axis, b in zip(plane_axes(key), block, strict=True):
+            offset[axis] = (float(b) - 1.0) / 2.0
     lin = np.diag(np.asarray(scale, dtype=np.float64)) if linear is None else np.asarray(linear)
     return np.asarray(translate, dtype=np.float64) + lin @ offset
 
 
-def plane_layer_shape(shape: Sequence[int], key: SliceKey) -> tuple[int, ...]:
-    """Shape of a layer holding only this plane: 1 on sliced axes, full in-plane."""
-    return tuple(1 if k is not None else int(n) for k, n in zip(key, shape, strict=True))
+def plane_layer_shape(
+    shape: Sequence[int], key: SliceKey, size: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """Shape of a layer holding only this plane: 1 on sliced axes, full in-plane (or
+    ``size`` ``(h, w)``, the plane at a reduced size)."""
+    out = [1 if k is not None else int(n) for k, n in zip(key, shape, strict=True)]
+    if size is not None:
+        r, c = plane_axes(key)
+        out[r], out[c] = int(size[0]), int(size[1])
+    return tuple(out)
 
 
 def describe_key(key: SliceKey, axis_labels: Sequence[str] | None = None) -> str:

@@ -238,6 +238,111 @@ def test_stack_slices_cache_embeddings_and_commit_on_the_plane(model):
     assert ann.update().masks.shape == (3, 5, 64)
 
 
+def _capped_vs_uncapped(model, image, key, steps, cap):
+    """Run the same prompt steps in a session capped at ``cap`` and an uncapped one."""
+    out = []
+    for max_side in (cap, None):
+        ann = Annotator(make_predictor(model), image, display_max_side=max_side)
+        ann.set_slice(key)
+        history = []
+        for step in steps:
+            kind, *args = step
+            if kind == "point":
+                ann.add_point(args[0], positive=args[1])
+            elif kind == "box":
+                ann.set_box(args[0])
+            elif kind == "select":
+                ann.select(args[0])
+                continue
+            elif kind == "commit":
+                history.append(("commit", ann.commit()))
+                continue
+            ann.compute_embedding()
+            req = ann.prediction_request()
+            ann.apply(ann.run(req))
+            history.append(("cands", req, ann.candidates))
+        out.append((ann, history))
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape, key, cap",
+    [
+        ((96, 128), (None, None), 32),  # 4 x 4 blocks
+        ((97, 61), (None, None), 30),  # odd sizes: 24 x 15 masks, 4.04 x 4.07 blocks
+        ((6, 70, 45), (None, 20, None), 16),  # a (z, x) plane of a stack, 6 x 45 -> 2 x 15
+    ],
+)
+def test_capped_session_commits_exactly_the_uncapped_labels(model, shape, key, cap):
+    img = blob_image(shape, centers=((30, 30, 14), (60, 40, 10)))
+    plane = tuple(n for n, k in zip(shape, key, strict=True) if k is None)
+    r, c = plane[0] // 2, plane[1] // 2
+    steps = [
+        ("point", (r, c), True),
+        ("select", 0),
+        ("point", (plane[0] - 3, plane[1] - 2), False),  # refines with candidate 0's logits
+        ("point", (r + 1, c - 1), True),
+        ("commit",),
+        ("box", (1, 2, plane[0] - 2, plane[1] // 2)),
+        ("select", 2),
+        ("commit",),
+    ]
+    (capped, ch), (full, fh) = _capped_vs_uncapped(model, img, key, steps, cap)
+    small = capped.display_size()
+    assert max(small) <= cap and small != plane and full.display_size() == plane
+    for a, b in zip(ch, fh, strict=True):
+        if a[0] == "commit":
+            ra, rb = a[1], b[1]
+            assert (ra.label_id, ra.candidate, ra.n_pixels) == (
+                rb.label_id,
+                rb.candidate,
+                rb.n_pixels,
+            )
+            assert ra.predicted_iou == rb.predicted_iou
+            assert [st.uses_previous for st in ra.steps] == [st.uses_previous for st in rb.steps]
+            continue
+        (_, req_a, ca), (_, req_b, cb) = a, b
+        # the same decoder call (refinement logits included), masks at another size
+        assert req_a.mask_size == small and req_b.mask_size is None
+        if req_b.mask_input is None:
+            assert req_a.mask_input is None
+        else:
+            np.testing.assert_array_equal(req_a.mask_input, req_b.mask_input)
+        np.testing.assert_array_equal(ca.logits, cb.logits)
+        np.testing.assert_array_equal(ca.ious, cb.ious)
+        assert ca.masks.shape == (3, *small) and cb.masks.shape == (3, *plane)
+        assert ca.reduced and not cb.reduced
+        assert ca.scale == (plane[0] / small[0], plane[1] / small[1])
+        # the reduced masks are the predictor's at that size
+        ref = make_predictor(model)
+        ref.set_embedding(capped.compute_embedding(key))
+        np.testing.assert_array_equal(ca.masks, ref.masks_from_logits(ca.logits, small))
+    assert any(h[0] == "cands" and h[1].mask_input is not None for h in ch)  # refined
+    assert capped.labels.any()
+    np.testing.assert_array_equal(capped.labels, full.labels)
+    # records replay at full resolution, as before
+    rec = capped.records[0]
+    np.testing.assert_array_equal(full.replay(rec), capped.replay(rec))
+    assert capped.replay(rec).shape == plane
+
+
+def test_display_size_default_and_settings(model):
+    img = blob_image((2000, 100), centers=((1000, 50, 30),))
+    ann = Annotator(make_predictor(model), img)  # default display_max_side
+    assert ann.display_max_side == 1024 and ann.display_size() == (1000, 50)
+    ann.add_point((1000, 50))
+    cands = ann.update()
+    assert cands.masks.shape == (3, 1000, 50) and cands.scale == (2.0, 2.0)
+    full = ann.candidate_mask()
+    assert full.shape == (2000, 100)
+    rec = ann.commit()
+    np.testing.assert_array_equal(ann.labels == rec.label_id, full)
+    assert Annotator(make_predictor(model), img, display_max_side=0).display_size() == (2000, 100)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="display_max_side"):
+            Annotator(make_predictor(model), img, display_max_side=bad)
+
+
 @pytest.mark.parametrize("channels", [3, 4])
 def test_rgb_images(predictor, channels):
     img = blob_image((40, 50), rgb=True)

@@ -269,6 +269,75 @@ def test_cheap_threshold_equals_thresholded_logits(hw, kind):
         assert not wrong.any() or (logits[wrong] - thr).abs().max() < 1e-5
 
 
+def test_cheap_threshold_of_a_mask_does_not_depend_on_the_rest_of_the_batch():
+    """A ragged mask (interpolated in full) next to smooth ones (outline cells only) gives
+    each mask exactly as it is alone, so one candidate's mask can be recomputed by itself."""
+    gen = torch.Generator().manual_seed(5)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    disk = 4 - ((yy - 12) ** 2 + (xx - 15) ** 2).sqrt() / 2
+    smooth = F.interpolate(torch.randn(1, 1, 5, 5, generator=gen), (32, 32), mode="bicubic")
+    noise = torch.randn(32, 32, generator=gen)
+    low = torch.stack([disk, smooth[0, 0], noise])[None]  # 1 x 3 x 32 x 32
+    for hw in [(300, 400), (97, 61), (1000, 90)]:
+        scale = S / max(hw)
+        ih, iw = max(1, int(hw[0] * scale + 0.5)), max(1, int(hw[1] * scale + 0.5))
+        together = upsample_binary(low, (ih, iw), hw, S)
+        for m in range(3):
+            alone = upsample_binary(low[:, m : m + 1], (ih, iw), hw, S)
+            assert torch.equal(together[:, m : m + 1], alone), (hw, m)
+
+
+# ------------------------------------------------------------------ reduced masks
+@pytest.mark.parametrize("hw", [(90, 120), (121, 77), (333, 1001), (1, 300), (640, 480)])
+def test_masks_from_logits_equal_predict_at_full_size(sam, hw):
+    """A candidate's full-resolution mask recomputed from its low-res logits is exactly the
+    mask predict returned, and masks at mask_size = slice size are today's masks."""
+    predictor = SamPredictor(sam)
+    h, w = hw
+    predictor.set_image(_smooth_image(h, w))
+    pt = {
+        "point_coords": np.array([[(w - 1) * 0.4, (h - 1) * 0.6]]),
+        "point_labels": np.array([1]),
+    }
+    masks, iou, low = predictor.predict(**pt)
+    same, _, low2 = predictor.predict(**pt, mask_size=(h, w))
+    np.testing.assert_array_equal(same, masks)
+    np.testing.assert_array_equal(low2, low)
+    small = (max(1, h // 3), max(1, w // 3))
+    reduced, iou_r, low_r = predictor.predict(**pt, mask_size=small)
+    assert reduced.shape == (3, *small) and reduced.dtype == bool
+    np.testing.assert_array_equal(low_r, low)  # the decoder's output does not change
+    np.testing.assert_array_equal(iou_r, iou)
+    for i in range(3):
+        full = predictor.masks_from_logits(low[i])
+        assert full.shape == (h, w) and full.dtype == bool
+        np.testing.assert_array_equal(full, masks[i])
+        np.testing.assert_array_equal(predictor.masks_from_logits(low[i], small), reduced[i])
+    np.testing.assert_array_equal(predictor.masks_from_logits(low), masks)
+    logits = predictor.predict(**pt, return_logits=True)[0]
+    np.testing.assert_array_equal(predictor.masks_from_logits(low, return_logits=True), logits)
+    # the slice size alone is enough: no embedding needed
+    fresh = SamPredictor(sam)
+    np.testing.assert_array_equal(fresh.masks_from_logits(low[1], original_size=hw), masks[1])
+
+
+def test_reduced_masks_sample_the_centres_of_pixel_blocks(predictor):
+    """With 3 x 3 blocks, reduced pixel (i, j) covers slice pixels 3i..3i+2 and samples the
+    logits at the block's centre pixel (3i + 1, 3j + 1)."""
+    predictor.set_image(_smooth_image(93, 126))
+    full, _, low = predictor.predict(**POINT, return_logits=True)
+    reduced = predictor.predict(**POINT, return_logits=True, mask_size=(31, 42))[0]
+    _close(reduced, full[:, 1::3, 1::3], rel=1e-5)
+    with pytest.raises(ValueError, match="two positive integers"):
+        predictor.predict(**POINT, mask_size=(0, 10))
+    with pytest.raises(ValueError, match="two positive integers"):
+        predictor.predict(**POINT, mask_size=(10.5, 10))
+    with pytest.raises(ValueError, match="low-res logits"):
+        predictor.masks_from_logits(low[:, :16])
+    with pytest.raises(RuntimeError, match="set_image"):
+        SamPredictor(predictor.model).masks_from_logits(low)
+
+
 # ------------------------------------------------------------------ batching & mask input
 def test_batched_boxes_equal_single_box_predictions(predictor):
     img = _smooth_image(90, 120)

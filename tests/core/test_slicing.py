@@ -75,3 +75,24 @@ def test_check_key():
         s.check_key((9, None, None), (8, 5, 5))
     with pytest.raises(ValueError, match="exactly two axes"):
         s.check_key((1, 2, None), (8, 5, 5))
+
+
+def test_display_size_blocks_and_their_layer_offset():
+    assert s.display_size((4096, 4096), 1024) == (1024, 1024)
+    assert s.display_size((1024, 700), 1024) == (1024, 700)  # fits: unchanged
+    assert s.display_size((3000, 2001), 1024) == (1000, 667)  # 3 x 3 blocks
+    assert s.display_size((96, 128), 32) == (24, 32)
+    assert s.display_size((5000, 1), 1000) == (1000, 1)
+    assert s.display_size((4096, 4096), None) == (4096, 4096)
+    assert s.display_size((4096, 4096), 0) == (4096, 4096)
+    # a (z, x) plane of a stack held at 3 x 4 plane pixels per layer pixel
+    key, scale, translate = (None, 7, None), (2.0, 0.5, 0.25), (10.0, -3.0, 1.0)
+    block = (3.0, 4.0)
+    t = s.plane_translate(key, scale, translate, block=block)
+    layer_scale = np.array(scale) * [3.0, 1.0, 4.0]
+    assert s.plane_layer_shape((30, 20, 40), key, (10, 10)) == (10, 1, 10)
+    for i, j in [(0, 0), (2, 5), (9, 9)]:
+        world = t + layer_scale * [i, 0, j]
+        # the centre of the 3 x 4 block of plane pixels that layer pixel (i, j) covers
+        centre = np.array([3 * i + 1.0, 7.0, 4 * j + 1.5])
+        np.testing.assert_allclose(world, translate + np.array(scale) * centre)

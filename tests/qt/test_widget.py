@@ -379,3 +379,66 @@ def test_cheap_decoder_calls_run_inline_after_two_measured_in_the_worker(
     w.points_layer.add([[50, 80]])
     wait_idle(qtbot, w)
     assert threads == [False]
+
+
+@pytest.mark.parametrize(
+    "shape, layer_kw, key",
+    [
+        ((96, 128), {"scale": (0.5, 2.0), "translate": (10.0, -5.0), "rotate": 30}, ()),
+        ((3, 96, 128), {"scale": (3.0, 0.5, 2.0), "translate": (-6.0, 10.0, 20.0)}, (1,)),
+    ],
+    ids=["2d-rotated", "stack"],
+)
+def test_capped_candidates_overlay_the_image_and_commit_full_resolution(
+    open_widget, qtbot, monkeypatch, tmp_path, shape, layer_kw, key
+):
+    """display_max_side = 32 on 96 x 128 planes: candidates are 24 x 32 (4 x 4 blocks),
+    placed on the image in the world; the commit writes what an uncapped widget writes."""
+    img = blob_image(shape)
+    results = []
+    for cap in ("32", "0"):
+        monkeypatch.setenv("NAPARI_SAM_DISPLAY_MAX_SIDE", cap)
+        monkeypatch.setenv("NAPARI_SAM_RECOVERY", str(tmp_path / f"recovery{cap}"))
+        viewer, w = open_widget(img, **layer_kw)
+        image = viewer.layers[0]
+        if key:
+            viewer.dims.set_current_step(0, key[0])
+            wait_idle(qtbot, w)
+        ann = w.annotator
+        w.points_layer.add([[*key, 40, 50]])
+        wait_idle(qtbot, w)
+        w.points_layer.add([[*key, 60, 95]])  # refines with the selected candidate
+        wait_idle(qtbot, w)
+        cands = ann.candidates
+        assert ann.up_to_date and cands.prompts.refine is not None
+        np.testing.assert_array_equal(masks_of(w), cands.masks)
+        if cap == "32":
+            assert w.display_max_side == 32 and cands.masks.shape == (3, 24, 32)
+            for layer in w.candidate_layers:
+                assert layer.data.shape == (*[1] * len(key), 24, 32)
+                # display pixel (i, j) sits on the centre of image pixels 4i..4i+3, 4j..4j+3
+                for i, j in [(0, 0), (5, 17), (23, 31)]:
+                    np.testing.assert_allclose(
+                        layer.data_to_world([*[0] * len(key), i, j]),
+                        image.data_to_world([*key, 4 * i + 1.5, 4 * j + 1.5]),
+                        atol=1e-9,
+                    )
+                # ... and its outer edge on the image's outer edge
+                np.testing.assert_allclose(
+                    layer.data_to_world([*[0] * len(key), -0.5, -0.5]),
+                    image.data_to_world([*key, -0.5, -0.5]),
+                    atol=1e-9,
+                )
+                np.testing.assert_allclose(
+                    layer.data_to_world([*[0] * len(key), 23.5, 31.5]),
+                    image.data_to_world([*key, 95.5, 127.5]),
+                    atol=1e-9,
+                )
+        else:
+            assert cands.masks.shape == (3, 96, 128)
+        w.commit()
+        wait_idle(qtbot, w)
+        labels = np.array(w.objects_layer.data)
+        assert labels.shape == shape and labels.any(), (cap, w.status_text)
+        results.append(labels)
+    np.testing.assert_array_equal(results[0], results[1])

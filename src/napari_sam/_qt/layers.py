@@ -17,7 +17,9 @@ from napari_sam.slicing import (
     key_from_point,
     lift_points,
     on_plane,
+    plane_axes,
     plane_layer_shape,
+    plane_shape,
     plane_translate,
 )
 
@@ -45,15 +47,30 @@ def geometry(layer) -> dict:
     }
 
 
-def plane_geometry(layer, key) -> dict:
-    """Geometry of a layer holding only plane ``key`` of the image layer."""
+def plane_geometry(layer, key, shape=None, size=None) -> dict:
+    """Geometry of a layer holding only plane ``key`` of the image layer.
+
+    ``size``: ``(h, w)`` when the layer holds the plane at a reduced size (``shape``: the
+    image's spatial shape): each layer pixel then covers a block of ``H / h x W / w``
+    image pixels (see :func:`napari_sam.slicing.plane_translate`).
+    """
     from napari.utils.transforms import CompositeAffine
 
     geo = geometry(layer)
     lin = CompositeAffine(
         scale=geo["scale"], rotate=geo["rotate"], shear=geo["shear"], ndim=layer.ndim
     ).linear_matrix
-    geo["translate"] = plane_translate(key, geo["scale"], geo["translate"], linear=lin)
+    block = None
+    if size is not None and tuple(size) != plane_shape(shape, key):
+        (H, W), (h, w) = plane_shape(shape, key), size
+        block = (H / h, W / w)
+        r, c = plane_axes(key)
+        geo["scale"] = np.array(geo["scale"], dtype=np.float64)
+        geo["scale"][r] *= block[0]
+        geo["scale"][c] *= block[1]
+    geo["translate"] = plane_translate(
+        key, np.asarray(layer.scale), geo["translate"], linear=lin, block=block
+    )
     return geo
 
 
@@ -176,32 +193,37 @@ def write_boxes(layer, prompts_by_key) -> None:
 
 
 # --------------------------------------------------------------- candidate layers
-def make_candidate_layer(viewer, image_layer, index: int, key, shape):
+def make_candidate_layer(viewer, image_layer, index: int, key, shape, size=None):
+    """A Labels layer for candidate ``index`` on plane ``key``, at the plane's size or
+    ``size`` ``(h, w)`` (a reduced size, placed with :func:`plane_geometry`)."""
     from napari.utils.colormaps import DirectLabelColormap
 
     cmap = DirectLabelColormap(
         color_dict={0: "transparent", 1: CANDIDATE_COLORS[index], None: "transparent"}
     )
     return viewer.add_labels(
-        np.zeros(plane_layer_shape(shape, key), dtype=np.uint8),
+        np.zeros(plane_layer_shape(shape, key, size), dtype=np.uint8),
         name=f"SAM candidate {index + 1}",
         colormap=cmap,
         opacity=DIMMED_OPACITY,
         blending="translucent_no_depth",
         metadata={ROLE: f"candidate{index}"},
-        **plane_geometry(image_layer, key),
+        **plane_geometry(image_layer, key, shape, size),
     )
 
 
-def show_candidate(layer, mask2d, key, shape, name: str, selected: bool) -> None:
+def show_candidate(layer, mask2d, key, shape, name: str, selected: bool, size=None) -> None:
     """Put one candidate mask (``(H, W)`` bool or None) on its layer, on plane ``key``.
+
+    ``size``: ``(h, w)`` of the mask when it is at a reduced size (the layer's geometry
+    must match, see :func:`plane_geometry`).
 
     Writes into the layer's array and refreshes it when the shape fits (cheaper in napari
     than assigning a new array) without recomputing the layer-list thumbnail (a few ms per
     layer; the widget refreshes thumbnails once the clicks pause); attribute changes only
     when needed.
     """
-    target = plane_layer_shape(shape, key)
+    target = plane_layer_shape(shape, key, size)
     data = layer.data
     if data.shape != target or data.dtype != np.uint8:
         data = np.zeros(target, dtype=np.uint8)

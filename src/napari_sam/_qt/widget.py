@@ -93,6 +93,10 @@ class SamWidget(VolumeActions, QWidget):
     #: 0 disables
     #: (``NAPARI_SAM_INLINE_DECODE_MS`` overrides)
     inline_decode_ms: float = 50.0
+    #: candidates of planes larger than this on a side are shown at a reduced size (blocks
+    #: of k x k pixels; commits stay at full resolution); 0: always full resolution
+    #: (``NAPARI_SAM_DISPLAY_MAX_SIDE`` overrides; see docs/usage.md)
+    display_max_side: int = 1024
     # (callback, future) from a worker thread, delivered on the Qt thread
     _relay = Signal(object)
 
@@ -130,6 +134,11 @@ class SamWidget(VolumeActions, QWidget):
             self.inline_decode_ms = float(
                 os.environ.get("NAPARI_SAM_INLINE_DECODE_MS", self.inline_decode_ms)
             )
+        with contextlib.suppress(ValueError):
+            self.display_max_side = max(
+                0, int(os.environ.get("NAPARI_SAM_DISPLAY_MAX_SIDE", self.display_max_side))
+            )
+        self._candidate_place = None  # (plane key, mask size) the candidate layers fit
         self._build_ui()
         self._init_recovery(threaded)
         # layer-list thumbnails of the candidate layers, refreshed once clicks pause
@@ -495,6 +504,7 @@ class SamWidget(VolumeActions, QWidget):
             encoder=encoder,
             labels=labels,
             model_name=choice.key,
+            display_max_side=self.display_max_side or None,
         )
         self._volume_session_started(choice, model, contrast)
         for key, p in carried.items():
@@ -513,6 +523,7 @@ class SamWidget(VolumeActions, QWidget):
         self._encoder_jobs.cancel_pending()
         self._decoder_jobs.cancel_pending()
         self._commit_when_ready = False
+        self._candidate_place = None
         self._volume_teardown()
         self._stop_recovery()
         if self.image_layer is not None:
@@ -569,9 +580,11 @@ class SamWidget(VolumeActions, QWidget):
             if len(alive) != 3:
                 for c in alive:
                     v.layers.remove(c)
+                size = ann.display_size()
                 self.candidate_layers = [
-                    L.make_candidate_layer(v, img, i, ann.key, ann.shape) for i in range(3)
+                    L.make_candidate_layer(v, img, i, ann.key, ann.shape, size) for i in range(3)
                 ]
+                self._candidate_place = (ann.key, size)
                 for c in self.candidate_layers:
                     self._bind_layer_keys(c)
             if self.objects_layer is not None and (
@@ -607,9 +620,7 @@ class SamWidget(VolumeActions, QWidget):
         self._volume_on_dims(key)
         if changed or not self.candidate_layers:
             self._ensure_layers()
-            geo = L.plane_geometry(self.image_layer, key)
-            for layer in self.candidate_layers:
-                L.set_geometry(layer, geo)
+            self._place_candidate_layers(ann.display_size(), force=True)
         self._show_candidates()
         if ann.has_embedding():
             self._set_status(self._ready_text())
@@ -776,13 +787,17 @@ class SamWidget(VolumeActions, QWidget):
         cands = ann.candidates
         sel = ann.selected
         names = L.size_names(cands.masks) if cands is not None else [""] * 3
+        size = tuple(cands.masks.shape[-2:]) if cands is not None else ann.display_size()
+        self._place_candidate_layers(size)
         for i, layer in enumerate(self.candidate_layers):
             if cands is None:
-                L.show_candidate(layer, None, ann.key, ann.shape, f"SAM candidate {i + 1}", False)
+                L.show_candidate(
+                    layer, None, ann.key, ann.shape, f"SAM candidate {i + 1}", False, size
+                )
                 self.candidate_buttons[i].setText(f"{i + 1}")
             else:
                 name = f"SAM candidate {i + 1}: {names[i]} IoU {cands.ious[i]:.2f}"
-                L.show_candidate(layer, cands.masks[i], ann.key, ann.shape, name, i == sel)
+                L.show_candidate(layer, cands.masks[i], ann.key, ann.shape, name, i == sel, size)
                 self.candidate_buttons[i].setText(f"{i + 1} {names[i]}\nIoU {cands.ious[i]:.2f}")
         self._thumbnails.start()
         if sel is not None:  # the selected candidate above the other two
@@ -795,6 +810,19 @@ class SamWidget(VolumeActions, QWidget):
             b.setChecked(sel == i)
             b.setEnabled(cands is not None)
         self._update_buttons()
+
+    def _place_candidate_layers(self, size, force: bool = False):
+        """Put the candidate layers on the current plane, holding masks of ``size`` (the
+        plane's size, or a reduced one: each layer pixel then covers a block of image
+        pixels; see :attr:`display_max_side`)."""
+        ann = self.annotator
+        place = (ann.key, tuple(size))
+        if not force and place == self._candidate_place:
+            return
+        geo = L.plane_geometry(self.image_layer, ann.key, ann.shape, size)
+        for layer in self.candidate_layers:
+            L.set_geometry(layer, geo)
+        self._candidate_place = place
 
     def _refresh_thumbnails(self):
         for layer in self.candidate_layers:
