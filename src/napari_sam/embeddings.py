@@ -728,19 +728,37 @@ class EmbeddingStore:
             self._cache.put(z, feats)
         return feats
 
+    def verify_slice(self, z: int) -> bool:
+        """Check now (reads and hashes slice z) that z's stored embedding was computed from
+        this image. True if it was, or z is not on disk, or was checked before, or
+        ``verify="none"``. A changed slice raises :class:`EmbeddingMismatchError`, except
+        with ``verify="repair"``: it becomes missing (encoded on the next :meth:`get`) and
+        this returns False."""
+        z = self._check_z(z)
+        if (
+            self._group is None
+            or self.verify == "none"
+            or not self._done_mem[z]
+            or z in self._verified
+        ):
+            return True
+        if self.verify != "repair":
+            self._verify_slices([z])
+            return True
+        stored = bytes(np.asarray(self._group["slice_hash"][z], dtype=np.uint8))
+        if hash_slice(self.read_slice(z)) != stored:
+            with self._meta_lock:
+                if self._done_mem[z]:
+                    self._done_mem[z] = False
+                    self.stale_slices.append(z)
+            return False
+        self._verified.add(z)
+        return True
+
     def _read_disk(self, z: int) -> np.ndarray | None:
         """Stored features of z; None if ``verify="repair"`` found its image changed."""
-        if self.verify == "lazy":
-            self._verify_slices([z])
-        elif self.verify == "repair" and z not in self._verified:
-            stored = bytes(np.asarray(self._group["slice_hash"][z], dtype=np.uint8))
-            if hash_slice(self.read_slice(z)) != stored:
-                with self._meta_lock:
-                    if self._done_mem[z]:
-                        self._done_mem[z] = False
-                        self.stale_slices.append(z)
-                return None
-            self._verified.add(z)
+        if self.verify in ("lazy", "repair") and not self.verify_slice(z):
+            return None
         return np.asarray(self._group["features"][z])
 
     def _compute(self, z: int) -> np.ndarray:
