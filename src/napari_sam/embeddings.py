@@ -25,6 +25,12 @@ content of the image is checked slice-wise: each encoded slice stores the hash o
 image data it was computed from. Opening a store whose signature differs, or whose done
 slices no longer hash to the stored values, raises :class:`EmbeddingMismatchError`
 naming what differs; it is never silently reused. Use a new path or ``overwrite=True``.
+With ``verify="repair"`` a done slice is checked when it is first read from disk and, if
+its image changed, encoded again and overwritten (listed in ``stale_slices``) instead.
+
+The napari widget keeps one store per (image, model, preprocessing, slice axis) in the
+user cache (:func:`cache_root`, :func:`open_cached_store`): ``$NAPARI_SAM_EMBEDDINGS``
+names another folder, or ``memory`` to keep embeddings in memory only.
 
 Writes are ordered ``features[z]`` -> ``slice_hash[z]`` -> ``done[z]`` and each chunk is
 written atomically by zarr's LocalStore, so an interrupted run leaves only complete
@@ -57,10 +63,18 @@ __all__ = [
     "EmbeddingStore",
     "PrecomputeEvent",
     "StoredEmbedding",
+    "cache_root",
+    "cached_store_path",
     "default_store_path",
     "hash_slice",
     "hash_weights",
+    "model_weights_hash",
+    "open_cached_store",
+    "stack_fingerprint",
 ]
+
+#: environment variable: a folder for the GUI's stores, or "memory" (no disk)
+ENV_EMBEDDINGS = "NAPARI_SAM_EMBEDDINGS"
 
 _ATTR_KEY = "napari_sam_embeddings"
 _FORMAT = 1
@@ -127,8 +141,50 @@ def hash_weights(model) -> str:
     for name, tensor in model.state_dict().items():
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(-1).view(_byte_dtype()).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(-1).view(_byte_dtype()).numpy())  # a view, no copy
     return h.hexdigest()
+
+
+_WEIGHTS_HASHES: Any = None  # WeakKeyDictionary model -> (version token, hash)
+_WEIGHTS_LOCK = threading.Lock()
+
+
+def model_weights_hash(model) -> str:
+    """:func:`hash_weights` of a model, remembered while its parameters are unchanged.
+
+    O(model size) on the first call (about 0.5 s for SAM vit_b on one CPU core); call it
+    off the GUI thread. Any in-place change or replacement of a parameter or buffer (e.g.
+    fine-tuning) gives a new hash.
+    """
+    import weakref
+
+    from napari_sam.predictor import _weights_token
+
+    global _WEIGHTS_HASHES
+    token = _weights_token(model)
+    with _WEIGHTS_LOCK:
+        if _WEIGHTS_HASHES is None:
+            _WEIGHTS_HASHES = weakref.WeakKeyDictionary()
+        known = _WEIGHTS_HASHES.get(model)
+    if known is not None and known[0] == token:
+        return known[1]
+    digest = hash_weights(model)
+    with _WEIGHTS_LOCK:
+        _WEIGHTS_HASHES[model] = (token, digest)
+    return digest
+
+
+def _preprocess_key(predictor) -> str:
+    """What the predictor's preprocessing contributes to the signature (contrast key and
+    encoder dtype)."""
+    contrast = getattr(predictor, "contrast", None)
+    key = getattr(contrast, "key", None)
+    preprocess_key = key() if callable(key) else repr(contrast)
+    encoder_dtype = getattr(predictor, "encoder_dtype", None)
+    if encoder_dtype is not None:  # a bfloat16 encoder gives other features
+        preprocess_key += f"|encoder {encoder_dtype}"
+    return preprocess_key
 
 
 def _byte_dtype():
@@ -168,6 +224,129 @@ def default_store_path(
         p = Path(image_path)
         return p.with_name(p.name + ".napari-sam") / f"{safe}.zarr"
     return _cache_dir() / "embeddings" / f"{safe}.zarr"
+
+
+def cache_root() -> Path | None:
+    """Folder of the GUI's embedding stores: ``$NAPARI_SAM_EMBEDDINGS`` if it names a
+    folder, None if it is ``memory`` (embeddings in memory only, nothing written), else
+    ``<cache dir>/embeddings`` (cache dir: ``$NAPARI_SAM_CACHE`` or the user cache)."""
+    env = os.environ.get(ENV_EMBEDDINGS, "").strip()
+    if env.lower() in ("memory", "off", "none", "0"):
+        return None
+    if env:
+        return Path(env).expanduser()
+    return _cache_dir() / "embeddings"
+
+
+def stack_fingerprint(stack, planes: int = 8) -> str:
+    """A cheap content key of a stack: shape, dtype and the bytes of up to ``planes``
+    evenly spaced planes along axis 0 (blake2b-128 hex; reads at most ``planes`` planes).
+
+    Two stacks that differ only between the sampled planes share a fingerprint; stores
+    opened with ``verify="repair"`` still never serve such a slice (its own hash is
+    checked when it is first read).
+    """
+    shape = tuple(int(s) for s in stack.shape)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((shape, np.dtype(stack.dtype).str)).encode())
+    n = shape[0] if shape else 0
+    for i in sorted({int(round(x)) for x in np.linspace(0, n - 1, min(n, planes))}):
+        plane = stack[i]
+        if hasattr(plane, "compute"):  # dask
+            plane = plane.compute()
+        h.update(hash_slice(np.asarray(plane)))
+    return h.hexdigest()
+
+
+def cached_store_path(
+    stack,
+    *,
+    axis: int,
+    model_name: str,
+    weights_hash: str,
+    preprocess_key: str,
+    dtype: str = "float32",
+    root: str | os.PathLike | None = None,
+) -> Path:
+    """``<root>/<key>.zarr`` for a stack's embeddings along ``axis`` with one model and
+    preprocessing; ``key`` hashes :func:`stack_fingerprint`, the axis, the model name and
+    weights hash, the preprocessing key and the stored dtype, so the same image with the
+    same model finds its store again and anything else gets another one. ``root``:
+    default :func:`cache_root` (or ``<cache dir>/embeddings`` when that is "memory")."""
+    if root is None:
+        root = cache_root() or _cache_dir() / "embeddings"
+    parts = (stack_fingerprint(stack), f"axis {axis % 3}", model_name, weights_hash,
+             preprocess_key, np.dtype(dtype).name)  # fmt: skip
+    key = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=16).hexdigest()
+    return Path(root) / f"{key}.zarr"
+
+
+def open_cached_store(
+    stack,
+    predictor,
+    *,
+    axis: int,
+    model_name: str,
+    weights_hash: str | None = None,
+    root: str | os.PathLike | None = None,
+    dtype: Literal["float16", "float32"] = "float32",
+    cache_bytes: int = 512 * 2**20,
+) -> tuple[EmbeddingStore, str]:
+    """The GUI's store of a stack: on disk under ``root`` (default :func:`cache_root`),
+    reopened when it exists. Returns ``(store, note)``; ``note`` is "" or says what
+    happened instead, for the status line:
+
+    - a store at that path made with other settings (another package version, a damaged
+      store, ...) is deleted and computed again (never reused);
+    - ``root`` "memory" (``NAPARI_SAM_EMBEDDINGS=memory``: note "") or not writable: an
+      in-memory store.
+
+    O(model size) for the weights hash on the first call per model and O(8 planes) for the
+    fingerprint; done slices are checked one by one when read (``verify="repair"``). Call
+    it off the GUI thread. Never raises for an unusable folder.
+    """
+    if weights_hash is None:
+        weights_hash = model_weights_hash(predictor.model)
+    kw = {
+        "axis": axis,
+        "dtype": dtype,
+        "cache_bytes": cache_bytes,
+        "model_name": model_name,
+        "weights_hash": weights_hash,
+    }
+    if root is None and cache_root() is None:
+        return EmbeddingStore(stack, predictor, **kw), ""
+    path = cached_store_path(
+        stack,
+        axis=axis,
+        model_name=model_name,
+        weights_hash=weights_hash,
+        preprocess_key=_preprocess_key(predictor),
+        dtype=dtype,
+        root=root,
+    )
+    try:
+        try:
+            return EmbeddingStore(stack, predictor, path, verify="repair", **kw), ""
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - other settings or a damaged store
+            store = EmbeddingStore(stack, predictor, path, overwrite=True, **kw)
+            return store, (
+                f"the stored embeddings of this stack ({path}) do not fit "
+                f"({_mismatch_summary(e)}): computing them again"
+            )
+    except OSError as e:  # unwritable / full / not a folder; FileExistsError too
+        store = EmbeddingStore(stack, predictor, **kw)
+        return store, (
+            f"embeddings are kept in memory only: cannot use the embedding cache {path.parent} "
+            f"({type(e).__name__}: {e}). Set {ENV_EMBEDDINGS} to a folder you can write to."
+        )
+
+
+def _mismatch_summary(exc: Exception) -> str:
+    lines = [x.strip() for x in str(exc).splitlines() if x.startswith("  ")]
+    return "; ".join(lines) if lines else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
 
 
 class _ByteLRU:
@@ -253,8 +432,11 @@ class EmbeddingStore:
         ``contrast.key()`` plus the encoder dtype).
     overwrite : delete an existing store at ``path`` and start a new one.
     verify : ``"open"`` hashes every done slice of ``stack`` on open and refuses
-        mismatches; ``"lazy"`` checks each slice when its embedding is first read from disk;
-        ``"none"`` trusts the store (only the non-content signature is checked).
+        mismatches (O(volume) work in the constructor); ``"lazy"`` checks each slice when
+        its embedding is first read from disk and refuses a mismatch then; ``"repair"``
+        checks like ``"lazy"`` but encodes a changed slice again and overwrites it
+        (``stale_slices`` lists them; :meth:`is_done` trusts the store until the slice is
+        read); ``"none"`` trusts the store (only the non-content signature is checked).
     """
 
     def __init__(
@@ -271,12 +453,12 @@ class EmbeddingStore:
         weights_hash: str | None = None,
         preprocess_key: str | None = None,
         overwrite: bool = False,
-        verify: Literal["open", "lazy", "none"] = "open",
+        verify: Literal["open", "lazy", "repair", "none"] = "open",
     ):
         if dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
-        if verify not in ("open", "lazy", "none"):
-            raise ValueError(f"verify must be 'open', 'lazy' or 'none', got {verify!r}")
+        if verify not in ("open", "lazy", "repair", "none"):
+            raise ValueError(f"verify must be 'open', 'lazy', 'repair' or 'none', got {verify!r}")
         for attr in ("set_image", "get_embedding"):
             if not callable(getattr(predictor, attr, None)):
                 raise TypeError(
@@ -297,6 +479,8 @@ class EmbeddingStore:
         self._meta_lock = threading.Lock()
         self._priority: deque[int] = deque()
         self._verified: set[int] = set()
+        #: slices found changed on disk and encoded again (``verify="repair"``)
+        self.stale_slices: list[int] = []
         self._geometry: tuple[tuple[int, int], tuple[int, int]] | None = None
         self._done_mem: np.ndarray = np.zeros(self.n_slices, dtype=bool)
 
@@ -315,12 +499,7 @@ class EmbeddingStore:
                 raise TypeError("predictor.model is missing: pass weights_hash= explicitly")
             weights_hash = hash_weights(model)
         if preprocess_key is None:
-            contrast = getattr(predictor, "contrast", None)
-            key = getattr(contrast, "key", None)
-            preprocess_key = key() if callable(key) else repr(contrast)
-            encoder_dtype = getattr(predictor, "encoder_dtype", None)
-            if encoder_dtype is not None:  # a bfloat16 encoder gives other features
-                preprocess_key += f"|encoder {encoder_dtype}"
+            preprocess_key = _preprocess_key(predictor)
         from napari_sam import __version__
 
         self.signature: dict[str, Any] = {
@@ -534,8 +713,8 @@ class EmbeddingStore:
         if feats is not None:
             return feats
         if self._done_mem[z] and self._group is not None:
-            feats = self._read_disk(z)
-        else:
+            feats = self._read_disk(z)  # None: changed slice to repair
+        if feats is None:
             with self._encode_lock:
                 # Another thread may have produced it while we waited for the lock.
                 feats = self._cache.get(z)
@@ -543,15 +722,43 @@ class EmbeddingStore:
                     return feats
                 if self._done_mem[z] and self._group is not None:
                     feats = self._read_disk(z)
-                else:
+                if feats is None:
                     feats = self._compute(z)
         if cache:
             self._cache.put(z, feats)
         return feats
 
-    def _read_disk(self, z: int) -> np.ndarray:
-        if self.verify == "lazy":
+    def verify_slice(self, z: int) -> bool:
+        """Check now (reads and hashes slice z) that z's stored embedding was computed from
+        this image. True if it was, or z is not on disk, or was checked before, or
+        ``verify="none"``. A changed slice raises :class:`EmbeddingMismatchError`, except
+        with ``verify="repair"``: it becomes missing (encoded on the next :meth:`get`) and
+        this returns False."""
+        z = self._check_z(z)
+        if (
+            self._group is None
+            or self.verify == "none"
+            or not self._done_mem[z]
+            or z in self._verified
+        ):
+            return True
+        if self.verify != "repair":
             self._verify_slices([z])
+            return True
+        stored = bytes(np.asarray(self._group["slice_hash"][z], dtype=np.uint8))
+        if hash_slice(self.read_slice(z)) != stored:
+            with self._meta_lock:
+                if self._done_mem[z]:
+                    self._done_mem[z] = False
+                    self.stale_slices.append(z)
+            return False
+        self._verified.add(z)
+        return True
+
+    def _read_disk(self, z: int) -> np.ndarray | None:
+        """Stored features of z; None if ``verify="repair"`` found its image changed."""
+        if self.verify in ("lazy", "repair") and not self.verify_slice(z):
+            return None
         return np.asarray(self._group["features"][z])
 
     def _compute(self, z: int) -> np.ndarray:

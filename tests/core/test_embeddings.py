@@ -283,3 +283,53 @@ def test_works_with_the_official_predictor_behind_the_contract(tmp_path, stack):
     emb = store.get(2)
     assert torch.equal(emb.features, _direct(official, stack[2]))
     assert EmbeddingStore(stack, official, tmp_path / "o.zarr", dtype="float32").is_done(2)
+
+
+def test_repair_recomputes_only_changed_slices(tmp_path, predictor, stack, counter):
+    path = tmp_path / "e.zarr"
+    EmbeddingStore(stack, predictor, path, dtype="float32").precompute([2, 6])
+    edited = stack.copy()
+    edited[6] += 1.0
+    store = EmbeddingStore(edited, predictor, path, dtype="float32", verify="repair")
+    runs = counter.count
+    assert torch.equal(store.get(2).features, _direct(predictor, stack[2]))  # unchanged: read
+    assert counter.count - runs == 1  # (the direct reference above)
+    emb = store.get(6)  # changed: encoded again from the edited image, never the old one
+    assert torch.equal(emb.features, _direct(predictor, edited[6]))
+    assert store.stale_slices == [6] and store.encoder_runs == 1
+    # the repaired slice is on disk: a strict reopen on the edited image accepts it
+    again = EmbeddingStore(edited, predictor, path, dtype="float32")
+    assert again.is_done(6) and again.encoder_runs == 0
+
+
+def test_open_cached_store(tmp_path, predictor, stack, monkeypatch):
+    from napari_sam.embeddings import cache_root, model_weights_hash, open_cached_store
+
+    monkeypatch.setenv("NAPARI_SAM_EMBEDDINGS", str(tmp_path / "emb"))
+    assert cache_root() == tmp_path / "emb"
+    assert model_weights_hash(predictor.model) == hash_weights(predictor.model)
+    store, note = open_cached_store(stack, predictor, axis=0, model_name="tiny")
+    assert note == "" and store.path.parent == tmp_path / "emb"
+    store.precompute([1, 3])
+    same, note = open_cached_store(stack.copy(), predictor, axis=0, model_name="tiny")
+    assert same.path == store.path and note == "" and same.missing([1, 3]) == []
+    # other model, axis or image: another store
+    other = tiny_predictor(seed=1)
+    assert open_cached_store(stack, other, axis=0, model_name="tiny")[0].path != store.path
+    assert open_cached_store(stack, predictor, axis=1, model_name="tiny")[0].path != store.path
+    assert open_cached_store(stack + 1, predictor, axis=0, model_name="tiny")[0].path != store.path
+    # same path, other signature (e.g. written by another napari-sam version): recomputed
+    monkeypatch.setattr("napari_sam.__version__", "0.0.0-other")
+    fresh, note = open_cached_store(stack, predictor, axis=0, model_name="tiny")
+    assert fresh.path == store.path and fresh.missing([1, 3]) == [1, 3]
+    assert "computing them again" in note and "napari-sam version" in note
+    # memory only, and an unusable folder (a file where the folder should be)
+    monkeypatch.setenv("NAPARI_SAM_EMBEDDINGS", "memory")
+    assert cache_root() is None
+    assert open_cached_store(stack, predictor, axis=0, model_name="tiny")[0].path is None
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("NAPARI_SAM_EMBEDDINGS", str(blocker))
+    mem, note = open_cached_store(stack, predictor, axis=0, model_name="tiny")
+    assert mem.path is None and "memory only" in note and "NAPARI_SAM_EMBEDDINGS" in note
+    assert mem.get(0).features.shape[0] == 1

@@ -22,6 +22,14 @@ def recovery_dir(tmp_path, monkeypatch):
     return path
 
 
+@pytest.fixture(autouse=True)
+def embeddings_dir(tmp_path, monkeypatch):
+    """Each test keeps stack embeddings in its own folder (never the user's cache)."""
+    path = tmp_path / "embeddings"
+    monkeypatch.setenv("NAPARI_SAM_EMBEDDINGS", str(path))
+    return path
+
+
 @pytest.fixture
 def choices():
     """Two real tiny SAMs (different random weights), labelled untrained like the GUI's."""

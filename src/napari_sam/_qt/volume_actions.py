@@ -24,7 +24,15 @@ Rules (also in docs/usage.md):
   slices an earlier propagation of the same object had written but this run does not
   reach lose the object, so the object is exactly its anchors plus this run's result.
 - **Embeddings** come from the annotator's :class:`~napari_sam.embeddings.EmbeddingStore`
-  of the slice axis (in memory, shared with the annotator's slices and "Precompute stack").
+  of the slice axis (shared with the annotator's slices and "Precompute stack"). It lives
+  on disk, in ``<cache>/embeddings/<key>.zarr`` (``napari_sam.embeddings.open_cached_store``:
+  the key hashes the image's fingerprint, the axis, the model and its weights hash and the
+  contrast), float32 so that candidates are those of the direct predictor, so a later
+  session on the same image and model reuses it and an interrupted precompute resumes.
+  Opening it (weights hash, fingerprint, the ``done`` list) runs on the torch thread
+  before the first encoder call; stored slices are checked against the image one by one
+  when first used. A store made with other settings is computed again (status line); an
+  unwritable folder or ``NAPARI_SAM_EMBEDDINGS=memory`` keeps them in memory only.
 - **Undo.** A run (complete or cancelled) is one entry in the annotator's undo history;
   Ctrl-Z during a run cancels it, then undoes it.
 """
@@ -32,12 +40,14 @@ Rules (also in docs/usage.md):
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from functools import partial
 
 import numpy as np
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton
 
 from napari_sam._qt import layers as L
+from napari_sam.embeddings import cache_root
 from napari_sam.label_writer import anchor_state, plane_of, stale_slices
 from napari_sam.propagate import StopCriteria
 
@@ -58,6 +68,10 @@ class VolumeActions:
         self._propagate_after_commit = False
         self._after_job = None  # "undo" / "redo" requested during a run
         self._precompute = None  # (worker or None, threading.Event)
+        self._store_opening: dict = {}  # slice axis -> Future of open_cached_store
+        self._store_failed: set = set()  # slice axes whose store could not be made
+        self._volume_deferred = None  # "propagate" / "precompute_stack" waiting for it
+        self.store_note = ""  # where this session's embeddings live (or why not on disk)
         # what to stop if the widget is deleted while work runs (no reference to self)
         self._volume_cancels: dict = {}
         self.destroyed.connect(partial(_cancel_all, self._volume_cancels))
@@ -80,6 +94,13 @@ class VolumeActions:
         row.addWidget(self.precompute_button)
         row.addWidget(self.cancel_button)
         lay.addLayout(row)
+        self.store_label = QLabel("")
+        self.store_label.setWordWrap(True)
+        self.store_label.setToolTip(
+            "Stack embeddings are kept in the user cache (NAPARI_SAM_EMBEDDINGS=memory: "
+            "in memory only); see docs/usage.md to clear them"
+        )
+        lay.addWidget(self.store_label)
         self._update_volume_buttons()
 
     def _update_volume_buttons(self) -> None:
@@ -102,21 +123,30 @@ class VolumeActions:
     def _volume_teardown(self) -> None:
         self._propagate_after_commit = False
         self._after_job = None
+        self._store_opening = {}  # a running open finishes for the old session, unused
+        self._store_failed = set()
+        self._volume_deferred = None
+        self.store_note = ""
+        self.store_label.setText("")
         if self._prop_job is not None:
             self._prop_job.cancel()
         if self._precompute is not None:
             self._precompute[1].set()
 
     def _volume_on_dims(self, key) -> None:
-        """The user is on plane ``key``: make sure a store serves its axis; a running
-        precompute handles this slice next."""
+        """The user is on plane ``key``: make sure a store serves its axis; a stored slice
+        is checked against the image (one slice); a running precompute handles this slice
+        next."""
         store, z = self._store_for(key)
-        if store is not None and self._precompute is not None:
+        if store is None:
+            return
+        store.verify_slice(z)  # changed since it was stored: encoded again, in the worker
+        if self._precompute is not None:
             store.priority(z)
 
     def _store_for(self, key):
-        """``(store, z)`` for plane ``key`` of a 3D image, made on first use; else
-        ``(None, None)`` (2D, RGBA or no session)."""
+        """``(store, z)`` for plane ``key`` of a 3D image; else ``(None, None)`` (2D, RGBA,
+        no session, or the store is being opened: see :meth:`_open_store`)."""
         ann = self.annotator
         if ann is None or len(ann.shape) != 3 or self._volume_model is None:
             return None, None
@@ -127,25 +157,86 @@ class VolumeActions:
         data = L.image_data(self.image_layer)
         if len(sliced) != 1 or (ann.rgb and data.shape[-1] != 3):
             return None, None
-        from napari_sam.embeddings import EmbeddingStore
+        if sliced[0] not in self._store_opening and sliced[0] not in self._store_failed:
+            self._open_store(ann, data, sliced[0])
+        return ann.store_for(key)
+
+    def _open_store(self, ann, data, axis: int) -> None:
+        """Attach the embedding store of ``axis``: in memory at once when
+        ``NAPARI_SAM_EMBEDDINGS=memory``, else the on-disk one, opened on the torch thread
+        (weights hash, image fingerprint, zarr metadata: no O(volume) work, none on the
+        Qt thread). It is attached there too, so every encoder call queued after it uses
+        it; until then the annotator embeds the slice on screen in its own cache."""
+        from napari_sam.embeddings import EmbeddingStore, open_cached_store
 
         choice, _, contrast = self._volume_model
-        try:
-            store = EmbeddingStore(
-                data,
-                ann.encoder,
-                axis=sliced[0],
-                dtype="float32",  # exactly the encoder's output: same candidates as before
-                cache_bytes=STORE_BYTES,
-                model_name=choice.key,
-                weights_hash="in-memory",  # never written to disk: no signature check
-                preprocess_key=repr(contrast),
+        if cache_root() is None:
+            try:
+                store = EmbeddingStore(
+                    data,
+                    ann.encoder,
+                    axis=axis,
+                    dtype="float32",  # exactly the encoder's output: same candidates
+                    cache_bytes=STORE_BYTES,
+                    model_name=choice.key,
+                    weights_hash="in-memory",  # never written to disk: no signature check
+                    preprocess_key=repr(contrast),
+                )
+                ann.attach_store(store)
+            except (TypeError, ValueError) as e:  # the session's own cache still works
+                self._set_status(f"propagation unavailable for this image: {e}")
+                return
+            self._show_store(store, "")
+            return
+
+        def work():
+            store, note = open_cached_store(
+                data, ann.encoder, axis=axis, model_name=choice.key, cache_bytes=STORE_BYTES
             )
-            ann.attach_store(store)
-        except (TypeError, ValueError) as e:  # the session's own cache still works
-            self._set_status(f"propagation unavailable for this image: {e}")
-            return None, None
-        return ann.store_for(key)
+            ann.attach_store(store)  # on the torch thread, before any later encoder call
+            return store, note
+
+        if self._torch is None:
+            future = Future()
+            try:
+                future.set_result(work())
+            except Exception as e:  # noqa: BLE001 - reported in the status line
+                future.set_exception(e)
+            self._on_store_opened(ann, axis, future)
+            return
+        future = self._torch.submit(work)
+        self._store_opening[axis] = future
+        self._track(future, partial(self._on_store_opened, ann, axis))
+
+    def _on_store_opened(self, ann, axis, future) -> None:
+        if self._store_opening.get(axis) is future:
+            del self._store_opening[axis]
+        if self._closed() or ann is not self.annotator:
+            return
+        exc = future.exception()
+        after, self._volume_deferred = self._volume_deferred, None
+        if exc is not None:
+            self._store_failed.add(axis)
+            self._set_status(
+                f"propagation unavailable for this image: {type(exc).__name__}: {exc}"
+            )
+        else:
+            store, note = future.result()
+            self._show_store(store, note)
+            if note:
+                self._set_status(note)
+        self._update_volume_buttons()
+        if after is not None:
+            getattr(self, after)()
+
+    def _show_store(self, store, note: str) -> None:
+        if store.path is None:
+            where = note or "in memory only (NAPARI_SAM_EMBEDDINGS=memory)"
+        else:
+            done = store.n_slices - len(store.missing())
+            where = f"stored, {done} of {store.n_slices} slices ready ({store.path.parent})"
+        self.store_note = note
+        self.store_label.setText(f"Embeddings: {where}")
 
     def _decoder(self):
         ann = self.annotator
@@ -171,6 +262,14 @@ class VolumeActions:
             self._set_status(f"cannot {action}: {reason}")
             return None
         if self._store_for(key)[0] is None:
+            if self._store_opening:  # runs once the store is open (_on_store_opened)
+                self._volume_deferred = "propagate" if action == "propagate" else (
+                    "precompute_stack"
+                )  # fmt: skip
+                self._set_status(
+                    f"opening this stack's embedding store; {action} starts when it is ready"
+                )
+                return None
             self._set_status(
                 f"cannot {action}: RGBA stacks are not supported; drop the alpha channel"
             )
@@ -372,10 +471,12 @@ class VolumeActions:
             return
         left = len(store.missing())
         what = "precompute cancelled" if cancel.is_set() else "precompute done"
+        kept = "" if store.path is None else f"; stored in {store.path}"
         self._set_status(
             f"{what}: {counts['runs']} slice(s) embedded, {store.n_slices - left} of "
-            f"{store.n_slices} ready"
+            f"{store.n_slices} ready{kept}"
         )
+        self._show_store(store, self.store_note)
 
     # ================================================================ cancel
     def cancel_background(self):
