@@ -1,7 +1,7 @@
 """Benchmark whole-stack embeddings and z-propagation; prints a Markdown table.
 
     python benchmarks/bench_volume.py [--model default|tiny|vit_t|vit_b|PATH]
-        [--slices 64] [--size 512] [--budget-mb 32] [--out FILE]
+        [--slices 64] [--size 512] [--budget-mb 32] [--out FILE] [--real IMG LABELS]
 
 Sections (each timed in a fresh subprocess so that peak RSS is per section):
 
@@ -14,7 +14,8 @@ Sections (each timed in a fresh subprocess so that peak RSS is per section):
    warm (store already filled) and cold (empty store) with prefetch on and off.
 4. peak RSS of precompute + cold propagation with an in-memory LRU budget far below the
    size of all embeddings (``--budget-mb``), against the size of all embeddings.
-5. 3D Dice on synthetic volumes (ellipsoid, tube) when the default model is available.
+5. 3D Dice on synthetic volumes (ellipsoid, tube) when the default model is available,
+   and on a real labelled stack given with ``--real IMAGE LABELS`` (same protocol).
 
 ``--model``: ``default`` = ``napari_sam.load_model()``; ``nsam_s`` = the default model's
 architecture with random weights (same speed); ``tiny`` = a small random-weight SAM from
@@ -129,6 +130,8 @@ def run_section(name: str, args, folder: Path) -> dict:
            "--model", args.model, "--budget-mb", str(args.budget_mb)]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.real:
+        cmd += ["--real", *map(str, args.real)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.stderr.write(out.stderr)
@@ -136,7 +139,7 @@ def run_section(name: str, args, folder: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def section(name: str, folder: Path, model_name: str, budget_mb: float) -> dict:
+def section(name: str, folder: Path, model_name: str, budget_mb: float, real=None) -> dict:
     import torch
     import zarr
 
@@ -219,22 +222,31 @@ def section(name: str, folder: Path, model_name: str, budget_mb: float) -> dict:
                       all_embeddings_f32_mb=all_mb, image_mb=image.nbytes / 2**20,
                       **marks)  # fmt: skip
     elif name == "dice":
-        result.update(dice_sections(enc, dec))
+        result.update(dice_sections(enc, dec, real))
     print(json.dumps(result))
     return result
 
 
-def dice_sections(enc, dec) -> dict:
-    """3D Dice with default settings on make_volume stacks (one anchor per object)."""
+def dice_sections(enc, dec, real=None) -> dict:
+    """3D Dice with default settings on make_volume stacks (one anchor per object: the
+    ground truth on the object's middle slice), and on ``real`` = (image, labels) files."""
     from napari_sam.embeddings import EmbeddingStore
     from napari_sam.propagate import PropagationState, propagate
     from napari_sam.train.synthetic import make_volume
 
-    out = {}
-    for kind in ("nuclei", "tubes", "mixed"):
-        dice, err, n = [], [], 0
+    def stacks(kind):
+        if kind == "real":
+            import tifffile
+
+            yield tifffile.imread(real[0]), tifffile.imread(real[1])
+            return
         for seed in (2_200_000, 2_200_001):
-            img, lab = make_volume(seed, shape=(32, 128, 128), kind=kind)
+            yield make_volume(seed, shape=(32, 128, 128), kind=kind)
+
+    out = {}
+    for kind in ("nuclei", "tubes", "mixed", *(["real"] if real else [])):
+        dice, err, n = [], [], 0
+        for img, lab in stacks(kind):
             state = PropagationState(img.shape[0], img.shape[1:])
             gts = {}
             for i in np.unique(lab)[1:]:
@@ -263,6 +275,8 @@ def main() -> None:
     ap.add_argument("--budget-mb", type=float, default=32.0)
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--real", nargs=2, type=Path, metavar=("IMAGE", "LABELS"),
+                    help="a labelled 3D stack (TIFF) for the 3D Dice section")  # fmt: skip
     ap.add_argument("--section", help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -271,7 +285,7 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        section(args.section, args.folder, args.model, args.budget_mb)
+        section(args.section, args.folder, args.model, args.budget_mb, args.real)
         return
 
     load = os.getloadavg()
@@ -325,10 +339,14 @@ def main() -> None:
         for key, d in dice.items():
             if key in ("model", "torch_threads"):
                 continue
+            what = (
+                f"real stack {args.real[0].name} (1 stack" if key == "real"
+                else f"make_volume {key} (2 stacks 32 x 128 x 128"
+            )  # fmt: skip
             lines.append(
-                f"| 3D Dice, make_volume {key} (2 stacks 32 x 128 x 128, {d['objects']} objects, "
-                f"1 anchor each, default settings) | {d['dice']:.3f} (first/last slice off by "
-                f"{d['z_err']:.1f} on average) |"
+                f"| 3D Dice, {what}, {d['objects']} objects, 1 anchor each, default "
+                f"settings) | {d['dice']:.3f} (first/last slice off by {d['z_err']:.1f} "
+                "on average) |"
             )
     table = "\n".join(lines)
     print(table)
