@@ -34,8 +34,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("automatic segmentation")
     g.add_argument("--points-per-side", type=int, default=32, help="grid size (default 32)")
     g.add_argument("--points-per-batch", type=int, default=64)
-    g.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    g.add_argument("--stability-thresh", type=float, default=0.95)
+    g.add_argument(
+        "--pred-iou-thresh",
+        type=float,
+        help="keep masks with a predicted IoU of at least this (default: the model's "
+        "recommended value, 0.88 for official SAM)",
+    )
+    g.add_argument(
+        "--stability-thresh",
+        type=float,
+        help="keep masks with a stability score of at least this (default: the model's "
+        "recommended value, 0.95 for official SAM)",
+    )
     g.add_argument("--nms-thresh", type=float, default=0.7, help="mask IoU of duplicates")
     g.add_argument(
         "--min-area",
@@ -95,14 +105,24 @@ def read_image(path: str):
     return np.asarray(skio.imread(p))
 
 
-def params_from_args(args):
+def params_from_args(args, model=None):
+    """AutomaticParams from the command line; unset thresholds come from ``model``
+    (see :meth:`AutomaticParams.for_model`)."""
     from napari_sam.automatic import AutomaticParams
 
-    return AutomaticParams(
+    given = {
+        k: v
+        for k, v in (
+            ("pred_iou_thresh", args.pred_iou_thresh),
+            ("stability_score_thresh", args.stability_thresh),
+        )
+        if v is not None
+    }
+    return AutomaticParams.for_model(
+        model,
+        **given,
         points_per_side=args.points_per_side,
         points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_thresh,
         nms_iou_thresh=args.nms_thresh,
         min_region_area=args.min_area,
         min_object_area=args.min_area,
@@ -134,7 +154,7 @@ def run(args: argparse.Namespace, predictor=None) -> int:
     from napari_sam.stitching import StitchParams
 
     check_destination(args.out, args.overwrite)  # fail before the expensive part
-    params = params_from_args(args)
+    params_from_args(args)  # bad values fail before the expensive part
     stitch = StitchParams(
         overlap_threshold=args.overlap_thresh, max_gap=args.max_gap, min_z_extent=args.min_z_extent
     )
@@ -153,6 +173,7 @@ def run(args: argparse.Namespace, predictor=None) -> int:
         from napari_sam import SamPredictor, load_model
 
         predictor = SamPredictor(load_model(args.model, device=args.device))
+    params = params_from_args(args, predictor.model)
     if mode == "2d-image":
         labels = segment_slice(
             predictor, image, params, progress=_progress(args.quiet, "point batches")

@@ -287,3 +287,25 @@ def test_imports_are_light():
         env={"PYTHONPATH": src},
     )
     assert out.stdout.strip() == ""
+
+
+def test_params_for_model_take_the_models_recommended_thresholds(predictor, scene):
+    model = predictor.model
+    assert AutomaticParams.for_model(model) == AutomaticParams()  # no recommendation: SAM's
+    model.automatic_defaults = {"pred_iou_thresh": 0.4, "stability_score_thresh": 0.7}
+    try:
+        p = AutomaticParams.for_model(predictor, points_per_side=8)  # a predictor works too
+        assert (p.pred_iou_thresh, p.stability_score_thresh, p.points_per_side) == (0.4, 0.7, 8)
+        assert AutomaticParams.for_model(model, pred_iou_thresh=0.9).pred_iou_thresh == 0.9
+        # segment_slice without params uses them (random weights: SAM's thresholds keep
+        # nothing, the permissive ones keep masks)
+        img = scene[0]
+        assert not segment_slice(predictor, img, AutomaticParams(points_per_side=4)).any()
+        loose = dict(PERMISSIVE)
+        model.automatic_defaults = {**loose, "points_per_side": 4, "unknown": 1}
+        lab = segment_slice(predictor, img)
+        assert lab.any()
+        expected = segment_slice(predictor, img, AutomaticParams(points_per_side=4, **loose))
+        np.testing.assert_array_equal(lab, expected)
+    finally:
+        del model.automatic_defaults

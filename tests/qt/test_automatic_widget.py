@@ -77,3 +77,18 @@ def test_cancel(make_napari_viewer, qtbot):
     _wait(qtbot, w)
     assert w.status.text() == "cancelled"
     assert LAYER_NAME not in viewer.layers
+
+
+def test_thresholds_default_to_the_models_recommendation(make_napari_viewer):
+    from napari_sam.automatic import AutomaticParams
+
+    w = AutomaticWidget(make_napari_viewer())
+    assert w.iou.text() == "model default" and w.stability.text() == "model default"
+    model = project_predictor().model
+    model.automatic_defaults = {"pred_iou_thresh": 0.42, "stability_score_thresh": 0.61}
+    p = w.params(model)
+    assert (p.pred_iou_thresh, p.stability_score_thresh) == (0.42, 0.61)
+    assert w.params().pred_iou_thresh == AutomaticParams().pred_iou_thresh  # SAM's 0.88
+    w.iou.setValue(0.7)  # a value the user sets wins
+    assert w.params(model).pred_iou_thresh == 0.7
+    assert w.params(model).stability_score_thresh == 0.61

@@ -79,17 +79,26 @@ class AutomaticWidget(QWidget):
             32,
             "Grid of points per side; more finds smaller objects but costs time (quadratic)",
         )
+        # lowest value = "model default": the model's recommended threshold (SAM's 0.88 /
+        # 0.95 for official models; the bundled model's own, lower, calibrated values)
         self.iou = _spin(
-            0.0, 1.0, 0.88, "Keep masks whose predicted IoU is at least this", decimals=2
-        )
-        self.stability = _spin(
-            0.0,
+            -0.01,
             1.0,
-            0.95,
-            "Keep masks whose stability score (agreement "
-            "of the mask at logit thresholds -1 and +1) is at least this",
+            -0.01,
+            "Keep masks whose predicted IoU is at least this ('model default': the value "
+            "recommended for the model, 0.88 for official SAM)",
             decimals=2,
         )
+        self.stability = _spin(
+            -0.01,
+            1.0,
+            -0.01,
+            "Keep masks whose stability score (agreement of the mask at logit thresholds "
+            "-1 and +1) is at least this ('model default': 0.95 for official SAM)",
+            decimals=2,
+        )
+        for spin in (self.iou, self.stability):
+            spin.setSpecialValueText("model default")
         self.min_area = _spin(
             0,
             10**7,
@@ -181,19 +190,33 @@ class AutomaticWidget(QWidget):
         if self._factory is None:
             self._predictor = None
 
-    def params(self):
+    def _fields(self) -> dict:
+        """The fields' values as AutomaticParams keyword arguments; thresholds left at
+        "model default" are not included."""
+        given = {
+            k: spin.value()
+            for k, spin in (
+                ("pred_iou_thresh", self.iou),
+                ("stability_score_thresh", self.stability),
+            )
+            if spin.value() >= 0
+        }
+        return {
+            **given,
+            "points_per_side": self.points.value(),
+            "min_region_area": self.min_area.value(),
+            "min_object_area": self.min_area.value(),
+            "max_area_fraction": self.max_area.value(),
+            "crop_n_layers": self.crops.value(),
+            "skip_covered_points": not self.exhaustive.isChecked(),
+        }
+
+    def params(self, model=None):
+        """AutomaticParams from the fields; thresholds left at "model default" come from
+        ``model`` (see :meth:`napari_sam.automatic.AutomaticParams.for_model`)."""
         from napari_sam.automatic import AutomaticParams
 
-        return AutomaticParams(
-            points_per_side=self.points.value(),
-            pred_iou_thresh=self.iou.value(),
-            stability_score_thresh=self.stability.value(),
-            min_region_area=self.min_area.value(),
-            min_object_area=self.min_area.value(),
-            max_area_fraction=self.max_area.value(),
-            crop_n_layers=self.crops.value(),
-            skip_covered_points=not self.exhaustive.isChecked(),
-        )
+        return AutomaticParams.for_model(model, **self._fields())
 
     def stitch_params(self):
         from napari_sam.stitching import StitchParams
@@ -247,12 +270,19 @@ class AutomaticWidget(QWidget):
     def _job(self, layer, what: str):
         """A function for the worker thread returning (kind, z, labels); a cancelled run
         returns ("cancelled", None, None) rather than raising in the thread."""
-        from napari_sam.automatic import Cancelled, segment_slice, segment_volume
+        from napari_sam.automatic import (
+            AutomaticParams,
+            Cancelled,
+            segment_slice,
+            segment_volume,
+        )
 
         data = layer.data[0] if layer.multiscale else layer.data
         rgb = bool(getattr(layer, "rgb", False))
         spatial = data.ndim - (1 if rgb else 0)
-        params, stitch = self.params(), self.stitch_params()
+        self.params()  # bad values fail here, before the worker starts
+        fields = self._fields()  # read on the Qt thread, used in the worker
+        stitch = self.stitch_params()
         report = self._signals.progress.emit
         cancelled = self._cancel.is_set
         if what == "stack":
@@ -262,11 +292,12 @@ class AutomaticWidget(QWidget):
                 )
 
             def job():
+                predictor = self._get_predictor()
                 try:
                     lab = segment_volume(
                         data,
-                        self._get_predictor(),
-                        params,
+                        predictor,
+                        AutomaticParams.for_model(predictor, **fields),
                         stitch=stitch,
                         progress=report,
                         should_cancel=cancelled,
@@ -288,9 +319,14 @@ class AutomaticWidget(QWidget):
 
         def job():
             img = np.asarray(data if z is None else data[z])
+            predictor = self._get_predictor()
             try:
                 lab = segment_slice(
-                    self._get_predictor(), img, params, progress=report, should_cancel=cancelled
+                    predictor,
+                    img,
+                    AutomaticParams.for_model(predictor, **fields),
+                    progress=report,
+                    should_cancel=cancelled,
                 )
             except Cancelled:
                 return ("cancelled", None, None)

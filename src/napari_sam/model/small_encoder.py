@@ -358,7 +358,8 @@ def load_nsam(path=None):
             same stem; default :func:`default_weights`.
 
     Returns:
-        ``Sam`` in eval mode (float32).
+        ``Sam`` in eval mode (float32), with ``automatic_defaults`` (the sidecar's
+        ``"automatic"`` thresholds, or empty).
     """
     path = Path(path) if path is not None else default_weights()
     if not path.is_file():
@@ -369,8 +370,12 @@ def load_nsam(path=None):
             f"nsam config not found: {sidecar} (written next to the weights by "
             "napari_sam.train.loop.export_weights)"
         )
-    config = json.loads(sidecar.read_text())["config"]
-    return build_nsam(config, checkpoint=path)
+    info = json.loads(sidecar.read_text())
+    model = build_nsam(info["config"], checkpoint=path)
+    # thresholds for automatic segmentation calibrated for these weights (see
+    # napari_sam.automatic.AutomaticParams.for_model); absent: SAM's defaults
+    model.automatic_defaults = dict(info.get("automatic", {}))
+    return model
 
 
 def set_canvas(model, size: int) -> None:
