@@ -31,6 +31,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -204,18 +205,29 @@ def bench_quality(sa, n_images, size, rows, with_official):
     from napari_sam.train.synthetic import make_image
 
     pred = SamPredictor(model)
-    amg = sa.SamAutomaticMaskGenerator(model, points_per_side=32) if with_official else None
+    # the model's recommended thresholds (AutomaticParams.for_model), for both generators
+    params = AutomaticParams.for_model(model)
+    amg = (
+        sa.SamAutomaticMaskGenerator(
+            model,
+            points_per_side=32,
+            pred_iou_thresh=params.pred_iou_thresh,
+            stability_score_thresh=params.stability_score_thresh,
+        )
+        if with_official
+        else None
+    )
     results = {}
     for kind in ("nuclei", "cells", "mixed"):
         for i in range(n_images):
             img, gt = make_image(5000 + i, shape=(size, size), kind=kind)
             rgb = to_uint8_rgb(img, Contrast())  # the same input for both implementations
             runs = [
-                ("ours, default", lambda rgb=rgb: segment_slice(pred, rgb, AutomaticParams())),
+                ("ours, default", lambda rgb=rgb: segment_slice(pred, rgb, params)),
                 (
                     "ours, exhaustive",
                     lambda rgb=rgb: segment_slice(
-                        pred, rgb, AutomaticParams(skip_covered_points=False)
+                        pred, rgb, replace(params, skip_covered_points=False)
                     ),
                 ),
             ]
