@@ -79,14 +79,17 @@ def main(argv=None):
     c0 = centroid(first)
     second = min((labels == i for i in big[1:6]), key=lambda m: np.linalg.norm(centroid(m) - c0))
 
-    widget.points_layer.add([centroid(first)])
+    def box_of(mask):
+        rr, cc = np.nonzero(mask)
+        return np.array([[rr.min() - 4, cc.min() - 4], [rr.max() + 4, cc.max() + 4]])
+
+    # the first object from a box (the bundled model's strongest prompt), committed
+    widget.box_layer.add_rectangles(box_of(first))
     wait(app, widget)
     widget.commit()
     wait(app, widget)
 
-    rr, cc = np.nonzero(second)
-    box = np.array([[rr.min() - 4, cc.min() - 4], [rr.max() + 4, cc.max() + 4]])
-    widget.box_layer.add_rectangles(box)
+    widget.box_layer.add_rectangles(box_of(second))
     wait(app, widget)
     widget.points_layer.add([centroid(second)])
     wait(app, widget)
