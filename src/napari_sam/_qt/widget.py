@@ -759,7 +759,8 @@ class SamWidget(VolumeActions, QWidget):
 
     def _decode_inline(self) -> bool:
         """Run the next decoder call on the Qt thread (see :attr:`inline_decode_ms`)?"""
-        if len(self._decode_ms) < 2 or self._loader_jobs.busy or self._encoder_jobs.busy:
+        busy = self._loader_jobs.busy or self._encoder_jobs.busy or self.volume_busy
+        if len(self._decode_ms) < 2 or busy:  # other torch work would slow it down
             return False
         return float(np.median(self._decode_ms)) < self.inline_decode_ms
 
