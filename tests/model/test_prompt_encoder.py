@@ -101,3 +101,36 @@ def test_bad_shapes_raise(pair):
         ours(None, None, torch.zeros(1, 1, 64, 64))
     with pytest.raises(ValueError, match="batch size"):
         ours((torch.zeros(2, 1, 2), torch.ones(2, 1)), torch.zeros(3, 4), None)
+
+
+def test_pe_frame_places_a_crop_inside_the_full_frame():
+    """A point at (x, y) of a 192-pixel crop that sits at pixel offset (o_x, o_y) of a 512
+    frame gets exactly the encoding of the point (x + o_x, y + o_y) of the 512 frame; the
+    crop's dense grid is the matching window of the full grid."""
+    from napari_sam.model.small_encoder import NSAM_S, build_nsam, set_canvas
+    from napari_sam.train.loop import set_pe_frame
+
+    torch.manual_seed(0)
+    full = build_nsam({**NSAM_S, "embed_dim": 32, "decoder_mlp_dim": 64})
+    crop = build_nsam({**NSAM_S, "embed_dim": 32, "decoder_mlp_dim": 64})
+    crop.load_state_dict(full.state_dict())
+    set_canvas(crop, 192)
+    ox, oy = 128, 256  # multiples of the stride 8
+    set_pe_frame(crop, 192 / 512, (ox / 512, oy / 512))
+    pts = torch.tensor([[[10.0, 20.0], [150.0, 3.0]]])
+    a = crop.prompt_encoder.pe_layer.forward_with_coords(pts + 0.5, (192, 192))
+    b = full.prompt_encoder.pe_layer.forward_with_coords(
+        pts + 0.5 + torch.tensor([ox, oy]), (512, 512)
+    )
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    dense_crop = crop.prompt_encoder.get_dense_pe()
+    dense_full = full.prompt_encoder.get_dense_pe()
+    window = dense_full[..., oy // 8 : oy // 8 + 24, ox // 8 : ox // 8 + 24]
+    torch.testing.assert_close(dense_crop, window, atol=1e-5, rtol=0)
+    # and the default frame is SAM's encoding again
+    set_pe_frame(crop)
+    c = crop.prompt_encoder.pe_layer.forward_with_coords(pts + 0.5, (192, 192))
+    d = full.prompt_encoder.pe_layer.forward_with_coords(
+        pts * 512 / 192 + 0.5 * 512 / 192, (512, 512)
+    )
+    torch.testing.assert_close(c, d, atol=1e-5, rtol=0)

@@ -137,3 +137,70 @@ def test_early_stop_when_the_score_stops_improving(tmp_path):
     assert [e["best"] for e in evals] == [True, False, False]
     assert events[-1] == {**events[-1], "kind": "done", "step": 3, "reason": "early_stop"}
     assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_resume_is_identical_with_the_session3_options(tmp_path):
+    """pe_reference, mask-only first prompts and resampled images draw from the same
+    seeded generator: an interrupted run still reproduces the uninterrupted one."""
+    opts = {
+        "steps": 4,
+        "pe_reference": 128,
+        "mask_prompt_prob": 0.5,
+        "resample_range": (0.8, 2.0),
+        "max_rounds": 1,
+    }
+    L.train(_cfg(tmp_path / "a", **opts))
+    cfg = _cfg(tmp_path / "b", **opts)
+    calls = {"n": 0}
+
+    def stop_after_one():
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    model, _ = L.train(cfg, should_stop=stop_after_one)
+    # the positional-encoding frame is restored for inference after training
+    assert model.prompt_encoder.pe_layer.frame_span == 1.0
+    assert model.prompt_encoder.pe_layer.frame_offset == (0.0, 0.0)
+    L.train(cfg)
+    a = _state(tmp_path / "a" / "run" / "last.pt")
+    b = _state(tmp_path / "b" / "run" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_mask_prompt_metric_and_score(tmp_path):
+    cfg = _cfg(tmp_path, eval_images=3)
+    model = L.build_model(cfg)
+    m = L.evaluate(model, L.eval_set(cfg), n_clicks=1, mask_prompt=True)
+    assert 0.0 <= m["mask"] <= 1.0
+    assert L.score(m) == pytest.approx((m["box"] + m["point"] + m["mask"]) / 3)
+    plain = L.evaluate(model, L.eval_set(cfg), n_clicks=1)
+    assert "mask" not in plain
+    assert L.score(plain) == pytest.approx((plain["box"] + plain["point"]) / 2)
+
+
+def test_mask_prompt_logits_follow_the_perturbed_mask():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 10:30] = True
+    logits = L._mask_prompt(mask, rng, 32, torch)
+    assert logits.shape == (1, 32, 32)
+    assert float(logits.max()) == 8.0 and float(logits.min()) == -8.0
+    inside = logits[0] > 0
+    # the object's centre stays inside, far corners stay outside
+    assert inside[15, 10] and not inside[0, 0] and not inside[31, 31]
+
+
+def test_resampled_images_keep_object_size_in_canvas_pixels():
+    """resample_range draws the image smaller (or larger) and to_canvas resizes it back:
+    the median object area in canvas pixels stays in the same range."""
+
+    def median_area(rr):
+        cfg = L.TrainConfig(canvas=96, kind="nuclei", scale_range=(1.0, 1.0), resample_range=rr)
+        src = L.SyntheticSource(cfg)
+        rng = np.random.default_rng(5)
+        areas = [m.sum() for _ in range(6) for m in src.sample(rng).masks]
+        return float(np.median(areas))
+
+    plain, resampled = median_area((1.0, 1.0)), median_area((2.0, 2.0))
+    assert 0.5 < resampled / plain < 2.0, (plain, resampled)

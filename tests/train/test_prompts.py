@@ -110,3 +110,30 @@ def test_interaction_and_schedule():
     assert P.round_schedule(2, 1) == ["first", "click", "click", "mask"]
     with pytest.raises(ValueError):
         P.start(mask, rng, "scribble")
+
+
+def test_perturb_mask_is_a_nearby_nonempty_mask():
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(1)
+    mask = np.zeros((80, 80), bool)
+    mask[30:50, 25:55] = True
+    r = np.sqrt(mask.sum() / np.pi)
+    ious = []
+    for _ in range(50):
+        out = P.perturb_mask(mask, rng)
+        assert out.shape == mask.shape and out.dtype == bool and out.any()
+        cy, cx = ndi.center_of_mass(out)
+        # moved by at most r/3 per axis (plus the grow/shrink, which keeps the centre)
+        assert abs(cy - 39.5) <= r / 3 + 1 and abs(cx - 39.5) <= r / 3 + 1
+        ious.append((out & mask).sum() / (out | mask).sum())
+    assert 0.4 < np.mean(ious) < 0.98  # changed, but still the same object
+    assert np.std(ious) > 0.02  # and by varying amounts
+
+
+def test_perturb_mask_of_a_tiny_object_never_empties_it():
+    rng = np.random.default_rng(2)
+    mask = np.zeros((20, 20), bool)
+    mask[0, 0] = True  # one pixel in a corner: shifts and erosions could lose it
+    for _ in range(30):
+        assert P.perturb_mask(mask, rng).any()

@@ -29,6 +29,12 @@ class PositionEmbeddingRandom(nn.Module):
 
     A position p in [0, 1]^2 maps to ``[sin(2 pi (2p-1) G), cos(2 pi (2p-1) G)]`` with the
     fixed Gaussian matrix ``G`` (2 x num_pos_feats), giving ``2 * num_pos_feats`` channels.
+
+    ``frame_offset`` (x, y) and ``frame_span`` (plain attributes, not weights; default
+    (0, 0) and 1) place the current input frame inside a larger reference frame:
+    p -> offset + span * p. Training on small crops sets them so that a pixel has the same
+    encoding as in a full-size input (see ``napari_sam.train.loop``); inference leaves the
+    defaults, which give exactly SAM's encoding.
     """
 
     def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
@@ -38,9 +44,14 @@ class PositionEmbeddingRandom(nn.Module):
         self.register_buffer(
             "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats))
         )
+        self.frame_offset = (0.0, 0.0)
+        self.frame_span = 1.0
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         """``coords``: (..., 2) (x, y) normalised to [0, 1] -> (..., 2 * num_pos_feats)."""
+        if self.frame_span != 1.0 or any(self.frame_offset):
+            offset = torch.tensor(self.frame_offset, dtype=coords.dtype, device=coords.device)
+            coords = offset + self.frame_span * coords
         proj = (2.0 * coords - 1.0) @ self.positional_encoding_gaussian_matrix
         proj = proj * (2.0 * math.pi)
         return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)

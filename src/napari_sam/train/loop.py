@@ -68,6 +68,15 @@ class TrainConfig:
     pad_prob: float = 0.2  # non-square images padded inside the canvas
     uint8_passthrough: float = 0.7  # P(uint8 image used as is, like Contrast("auto"))
     kind: str = "mixed"
+    # 0: off. N: positional encodings as in an N x N input, the canvas at a random place in
+    # it (per image), so that a canvas pixel is encoded as at inference (a 512 input)
+    pe_reference: int = 0
+    # probability that the first prompt is only a mask: the object's mask, shifted and
+    # grown or shrunk by a few pixels, as +-8 logits (what propagation gives a slice)
+    mask_prompt_prob: float = 0.0
+    # images drawn at canvas / f and resized by f (log-uniform in this range), so that
+    # object edges, blur and noise also look like up-/down-sampled inputs
+    resample_range: tuple[float, float] = (1.0, 1.0)
     seed: int = 0
     threads: int = 2
     ckpt_every: int = 50  # 0: no checkpoint files at all (fine-tuning in memory)
@@ -167,9 +176,15 @@ class SyntheticSource:
         lo, hi = cfg.scale_range
         scale = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         bit_depth = [8, 16, None][rng.integers(3)]
-        shape = (cfg.canvas, cfg.canvas)
+        side = cfg.canvas
+        lo, hi = cfg.resample_range
+        if (lo, hi) != (1.0, 1.0):
+            f = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+            side = max(32, round(cfg.canvas / f))
+            scale = scale * side / cfg.canvas  # object size in canvas pixels unchanged
+        shape = (side, side)
         if rng.random() < cfg.pad_prob:
-            shape = (cfg.canvas, int(rng.integers(cfg.canvas // 2, cfg.canvas)))
+            shape = (side, int(rng.integers(side // 2, side)))
             if rng.random() < 0.5:
                 shape = shape[::-1]
         image, labels = make_image(seed, shape, cfg.kind, bit_depth, scale=scale)
@@ -281,6 +296,29 @@ def _low_res_targets(masks: list, torch, side: int | None = None) -> object:
     return F.avg_pool2d(t, factor)
 
 
+def set_pe_frame(model, span: float = 1.0, offset=(0.0, 0.0)) -> None:
+    """Place the model's input frame inside a larger positional-encoding frame (see
+    ``PositionEmbeddingRandom``); ``set_pe_frame(model)`` restores SAM's encoding."""
+    pe = model.prompt_encoder.pe_layer
+    pe.frame_span = float(span)
+    pe.frame_offset = (float(offset[0]), float(offset[1]))
+
+
+def _pe_span(cfg: TrainConfig) -> float:
+    return cfg.canvas / cfg.pe_reference if cfg.pe_reference else 1.0
+
+
+def _mask_prompt(mask: np.ndarray, rng, side: int, torch, scale: float = 8.0):
+    """(1, side, side) logits of a perturbed ``mask``: a neighbouring slice's mask as
+    :func:`napari_sam.propagate.mask_to_logits` gives it to the model (+-``scale``)."""
+    import torch.nn.functional as F
+
+    m = P.perturb_mask(mask, rng)
+    t = torch.from_numpy(m.astype(np.float32))[None, None]
+    t = F.avg_pool2d(t, t.shape[-1] // side)
+    return ((t[0] * 2 - 1) * scale).float()
+
+
 def _upsample(logits, size):
     import torch.nn.functional as F
 
@@ -299,8 +337,14 @@ def _session_step(model, emb, sample: Sample, obj_idx, cfg: TrainConfig, rng, to
     """Loss of one image's objects over a sampled interactive session."""
     masks = [sample.masks[i] for i in obj_idx]
     target = _low_res_targets(masks, torch, side=4 * emb.shape[-1])
-    kind = "box" if rng.random() < cfg.box_prob else "point"
-    its = [P.start(m, rng, kind) for m in masks]
+    if cfg.mask_prompt_prob and rng.random() < cfg.mask_prompt_prob:
+        kind = "mask"
+        its = [
+            P.Interaction(mask_input=_mask_prompt(m, rng, target.shape[-1], torch)) for m in masks
+        ]
+    else:
+        kind = "box" if rng.random() < cfg.box_prob else "point"
+        its = [P.start(m, rng, kind) for m in masks]
     n_rounds = int(rng.integers(0, cfg.max_rounds + 1))
     total = 0.0
     stats = {}
@@ -352,17 +396,29 @@ def _iou_full(logits, size, tgt):
     return (inter / union).numpy(), pred.numpy()
 
 
-def evaluate(model, samples: list[Sample], n_clicks: int = 3, callback=None) -> dict:
+def evaluate(
+    model,
+    samples: list[Sample],
+    n_clicks: int = 3,
+    callback=None,
+    pe_span: float = 1.0,
+    mask_prompt: bool = False,
+) -> dict:
     """Mean IoU on ``samples``: 1 box, 1 point, and point + 1..n_clicks corrections.
 
     Box: single-mask output (``multimask_output=False``) and the highest-predicted-IoU of
     the 3 multimask outputs (``box3``). Point: highest predicted IoU of the 3 (what the
     plugin shows by default). Corrections: centre-of-error clicks with the previous
     low-res logits as mask prompt, single-mask output. IoU at the canvas resolution.
+    ``pe_span`` < 1: the canvas sits in the middle of a larger positional-encoding frame
+    (``TrainConfig.pe_reference``). ``mask_prompt``: also ``mask``, the best of 3 by
+    predicted IoU from a perturbed copy of the object's mask as the only prompt (what
+    propagation asks of the model).
     """
     import torch
 
     model.eval()
+    set_pe_frame(model, pe_span, ((1 - pe_span) / 2,) * 2)
     ious: dict[str, list] = {"box": [], "box3": [], "point": []}
     for c in range(1, n_clicks + 1):
         ious[f"click{c}"] = []
@@ -384,6 +440,13 @@ def evaluate(model, samples: list[Sample], n_clicks: int = 3, callback=None) -> 
             ious["box"] += list(iou_of(logits[:, :1])[0])
             pick = iou[:, 1:].argmax(1) + 1
             ious["box3"] += list(iou_of(logits[torch.arange(len(pick)), pick][:, None])[0])
+            if mask_prompt:
+                side = 4 * emb.shape[-1]
+                mp = torch.stack([_mask_prompt(m, rng, side, torch) for m in s.masks])
+                logits, iou = _decode(model, emb, None, None, None, mp)
+                pick = iou[:, 1:].argmax(1) + 1
+                v = iou_of(logits[torch.arange(len(pick)), pick][:, None])[0]
+                ious.setdefault("mask", []).extend(v)
             its = [P.start(m, rng, "point") for m in s.masks]
             # deterministic first point: the object's innermost pixel (centre click)
             for it, m in zip(its, s.masks, strict=True):
@@ -408,14 +471,16 @@ def evaluate(model, samples: list[Sample], n_clicks: int = 3, callback=None) -> 
                 ious[f"click{c}"] += list(v)
             if callback:
                 callback({"kind": "eval_progress", "done": si + 1, "total": len(samples)})
+    set_pe_frame(model)
     out = {k: float(np.mean(v)) if v else float("nan") for k, v in ious.items()}
     out["objects"] = len(ious["box"])
     return out
 
 
 def score(metrics: dict) -> float:
-    """Model-selection score: mean of box and point mIoU."""
-    return 0.5 * (metrics["box"] + metrics["point"])
+    """Model-selection score: mean of box and point mIoU (and ``mask`` if measured)."""
+    keys = ["box", "point"] + (["mask"] if "mask" in metrics else [])
+    return float(np.mean([metrics[k] for k in keys]))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -554,7 +619,13 @@ def train(
 
     def run_eval():
         nonlocal stale, best
-        m = evaluate(model, eval_samples, cfg.eval_clicks)
+        m = evaluate(
+            model,
+            eval_samples,
+            cfg.eval_clicks,
+            pe_span=_pe_span(cfg),
+            mask_prompt=cfg.mask_prompt_prob > 0,
+        )
         sc = score(m)
         history.append({"step": step, **m})
         improved = sc > best["score"]
@@ -612,6 +683,9 @@ def train(
             for i, s in enumerate(samples):
                 k = min(cfg.objects_per_image, len(s.masks))
                 idx = rng.choice(len(s.masks), size=k, replace=False)
+                if cfg.pe_reference:
+                    span = _pe_span(cfg)
+                    set_pe_frame(model, span, rng.uniform(0, 1 - span, 2))
                 li, st = _session_step(model, emb[i : i + 1], s, idx, cfg, rng, torch)
                 loss = loss + li / len(samples)
                 stats.append(st)
@@ -641,6 +715,7 @@ def train(
         if cfg.ckpt_every:
             save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch)
     finally:
+        set_pe_frame(model)
         emit({"kind": "done", "step": step, "reason": reason, "best": best["score"]})
         log.close()
     return model, history

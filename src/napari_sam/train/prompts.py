@@ -122,6 +122,41 @@ def correction_point(
     return np.array([[x, y]], dtype=np.float32), label
 
 
+def perturb_mask(
+    mask, rng: np.random.Generator, shift: float = 0.08, grow: float = 0.12
+) -> np.ndarray:
+    """``mask`` (H, W) as a neighbouring slice of the same object might show it.
+
+    The mask is moved by ``N(0, shift * r)`` pixels along each axis and grown (dilation)
+    or shrunk (erosion) by ``round(N(0, grow * r))`` pixels, both bounded by
+    ``max(1, r / 3)`` pixels, where ``r`` is the radius of a disc of the object's area. An
+    erosion that would empty the mask is skipped. Returns a new (H, W) bool mask (may
+    be empty only if ``mask`` is).
+    """
+    mask = _check_mask(mask)
+    _nonempty(mask)
+    r = float(np.sqrt(mask.sum() / np.pi))
+    bound = max(1.0, r / 3)
+    dy, dx = np.clip(rng.normal(0, shift * r, 2), -bound, bound).round().astype(int)
+    out = np.roll(mask, (dy, dx), axis=(0, 1))
+    # pixels rolled around the border come back on the other side: clear them
+    if dy > 0:
+        out[:dy] = False
+    elif dy < 0:
+        out[dy:] = False
+    if dx > 0:
+        out[:, :dx] = False
+    elif dx < 0:
+        out[:, dx:] = False
+    g = int(np.clip(round(rng.normal(0, grow * r)), -bound, bound))
+    if g > 0:
+        out = ndi.binary_dilation(out, iterations=g)
+    elif g < 0:
+        eroded = ndi.binary_erosion(out, iterations=-g)
+        out = eroded if eroded.any() else out
+    return out if out.any() else mask.copy()
+
+
 @dataclass
 class Interaction:
     """Prompts of one object across rounds.

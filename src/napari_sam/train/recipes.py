@@ -75,6 +75,33 @@ RECIPES["nsam_s_long"] = [
 ]
 
 
+# Session 3: nsam_s plus a phase that fixes the train/inference mismatch of the positional
+# encoding (the canvas is placed at a random spot of a 512 frame: pe_reference), resamples
+# images like the predictor does, and trains the mask-only prompt that propagation uses.
+RECIPES["nsam_s2"] = [
+    *RECIPES["nsam_s"],
+    {
+        "canvas": 192,
+        "steps": 9000,
+        "images_per_step": 4,
+        "objects_per_image": 6,
+        "max_rounds": 3,
+        "scale_range": [0.5, 2.5],
+        "resample_range": [0.7, 2.5],
+        "pe_reference": 512,
+        "mask_prompt_prob": 0.2,
+        "uint8_passthrough": 0.7,
+        "lr": 5e-4,
+        "warmup": 100,
+        "eval_every": 500,
+        "eval_images": 20,
+        "ckpt_every": 25,
+        "threads": 2,
+        "seed": 3,
+    },
+]
+
+
 def recipe(name: str) -> list[dict]:
     """The phases of recipe ``name`` (copies)."""
     if name not in RECIPES:
