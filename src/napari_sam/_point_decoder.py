@@ -277,6 +277,90 @@ class _FastPath:
         return m.reshape(b, k, 4 * h, 4 * w)  # row = 4y + 2dy + ey, col = 4x + 2dx + ex
 
 
+class _LocalRender:
+    """Per-point image tokens of a prompt encoder that renders points into its dense prompt
+    (``PromptRenderMixin``), computed in a window around each point.
+
+    The rendered point is a Gaussian bump; ``mask_downscaling`` is two non-overlapping
+    2 x 2 stride-2 convolutions (each embedding cell sees one 4 x 4 block of the mask
+    prompt) with per-pixel norms, so the dense prompt differs from that of an empty mask
+    only in the cells near the point. ``keys(points)`` renders a ``window`` x ``window``
+    block (aligned to the 4-pixel cells) around each point, runs ``mask_downscaling`` on it
+    and writes the result into a copy of the shared tokens: the same values as rendering the
+    whole 256 x 256 prompt, as long as the bump is below float precision outside the window
+    (``window`` >= 2 x 10 sigma; 32 mask pixels for sigma 1.5).
+    """
+
+    def __init__(self, pe, features: Tensor, dtype: torch.dtype, window: int = 32):
+        self.pe, self.dtype, self.win = pe, dtype, window
+        mh, mw = (int(v) for v in pe.mask_input_size)
+        self.mask_size = (mh, mw)
+        self.cells = (mh // 4, mw // 4)
+        zero = torch.zeros(1, 1, 4, 4, device=features.device)
+        # empty-mask dense prompt (constant per channel) + no-mask embedding, as rendered
+        base = pe.mask_downscaling(zero)[0, :, 0, 0] + pe.no_mask_embed.weight[0]  # (C,)
+        self.base = base
+        shared = features[0] + base[:, None, None]  # (C, h, w)
+        self.shared = shared.flatten(1).transpose(0, 1).to(dtype).contiguous()  # (HW, C)
+
+    @staticmethod
+    def supports(pe) -> bool:
+        ds = getattr(pe, "mask_downscaling", None)
+        if not getattr(pe, "renders_prompts", False) or ds is None:
+            return False
+        convs = [m for m in ds if isinstance(m, nn.Conv2d)]
+        strided = [c for c in convs if c.kernel_size != (1, 1)]
+        return (
+            len(strided) == 2
+            and all(c.kernel_size == (2, 2) and c.stride == (2, 2) for c in strided)
+            and all(hasattr(pe, a) for a in ("render_point", "render_sigma"))
+            and 10 * float(pe.render_sigma) <= 16
+        )
+
+    def keys(self, points: Tensor) -> Tensor:
+        """points (B, 2) (x, y) input-frame pixels -> image tokens (B, HW, C) in dtype."""
+        from napari_sam.model.small_encoder import render_prompts
+
+        pe, win = self.pe, self.win
+        mh, mw = self.mask_size
+        b = points.shape[0]
+        sy = mh / pe.input_image_size[0]
+        sx = mw / pe.input_image_size[1]
+        # window origin in mask pixels: a multiple of 4, the point near the middle
+        cx = ((points[:, 0] + 0.5) * sx - 0.5).floor().long()
+        cy = ((points[:, 1] + 0.5) * sy - 0.5).floor().long()
+        x0 = ((cx - win // 2).div(4, rounding_mode="floor") * 4).clamp(0, mw - win)
+        y0 = ((cy - win // 2).div(4, rounding_mode="floor") * 4).clamp(0, mh - win)
+        # the point in window coordinates (input-frame pixels of a window-sized frame)
+        local = points.clone()
+        local[:, 0] = points[:, 0] - x0.float() / sx
+        local[:, 1] = points[:, 1] - y0.float() / sy
+        labels = torch.ones(b, 1, dtype=torch.int, device=points.device)
+        rendered = render_prompts(
+            (local[:, None], labels),
+            None,
+            (win / sy, win / sx),
+            (win, win),
+            0.0,
+            float(pe.render_point),
+            float(pe.render_sigma),
+            b,
+            points.device,
+        )
+        patch = pe.mask_downscaling(rendered) + pe.no_mask_embed.weight.view(1, -1, 1, 1)
+        patch = patch - self.base.view(1, -1, 1, 1)  # (B, C, win/4, win/4) change
+        keys = self.shared.expand(b, -1, -1).clone()  # (B, HW, C)
+        gw = self.cells[1]
+        n = win // 4
+        ii = torch.arange(n, device=points.device)
+        rows = (y0 // 4)[:, None] + ii[None]  # (B, n)
+        cols = (x0 // 4)[:, None] + ii[None]
+        flat = (rows[:, :, None] * gw + cols[:, None, :]).reshape(b, -1)  # (B, n*n)
+        delta = patch.flatten(2).transpose(1, 2).to(self.dtype)  # (B, n*n, C)
+        keys.scatter_add_(1, flat[..., None].expand(-1, -1, keys.shape[-1]), delta)
+        return keys
+
+
 class PointDecoder:
     """Decode many single-point prompts against one image embedding.
 
@@ -303,6 +387,8 @@ class PointDecoder:
         self._pre = None
         self._src = self._pe = None
         self.dense_per_prompt = self._dense_depends_on_points()
+        # rendering prompt encoders (nsam): a point changes the dense prompt only near it
+        self.local_render = self.dense_per_prompt and _LocalRender.supports(model.prompt_encoder)
 
     @property
     def uses_fast_path(self) -> bool:
@@ -339,6 +425,9 @@ class PointDecoder:
         self._pe = pe.get_dense_pe()
         self._features = features.to(self.device)
         self._pre = self._fast.precompute(self._src, self._pe) if self._fast else None
+        self._render = None
+        if self.local_render and self._fast is not None:
+            self._render = _LocalRender(pe, self._features, self._fast.dtype)
 
     @torch.inference_mode()
     def decode(self, points: Tensor, min_iou: float | None = None) -> DecodedPoints:
@@ -382,16 +471,23 @@ class PointDecoder:
     def _decode_chunk(self, points: Tensor, min_iou: float | None) -> DecodedPoints:
         labels = torch.ones(points.shape[0], 1, dtype=torch.int, device=self.device)
         pe, dec = self.model.prompt_encoder, self.model.mask_decoder
-        sparse, dense = pe(points=(points[:, None, :], labels), boxes=None, masks=None)
-        dense = dense if self.dense_per_prompt else self._dense
-        if self._fast is None:
-            return self._decode_modules(sparse, dense, min_iou)
+        keys0 = None
+        if self._render is not None:
+            # sparse tokens as the prompt encoder gives them, the dense prompt window by window
+            sparse = pe._embed_points(points[:, None, :], labels, pad=True)
+            keys0 = self._render.keys(points)
+        else:
+            sparse, dense = pe(points=(points[:, None, :], labels), boxes=None, masks=None)
+            dense = dense if self.dense_per_prompt else self._dense
+            if self._fast is None:
+                return self._decode_modules(sparse, dense, min_iou)
+            if self.dense_per_prompt:  # (B, C, h, w) -> (B, HW, C)
+                keys0 = (
+                    (self._features + dense).to(self._fast.dtype).flatten(2).transpose(1, 2)
+                ).contiguous()
         fp = self._fast
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)
-        keys0 = None
-        if self.dense_per_prompt:  # (B, C, h, w) -> (B, HW, C)
-            keys0 = (self._features + dense).to(fp.dtype).flatten(2).transpose(1, 2).contiguous()
         hs, keys = fp.transformer(tokens, self._pre, keys0)
         iou = dec.iou_prediction_head(hs[:, 0])[:, 1:].float()  # (B, 3) multimask outputs
         nmask = iou.shape[1]

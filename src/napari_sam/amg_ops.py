@@ -186,7 +186,9 @@ def box_nms(boxes, scores, iou_threshold: float) -> torch.Tensor:
     return torch.as_tensor(keep, dtype=torch.int64)
 
 
-def mask_nms(masks: torch.Tensor, scores, iou_threshold: float, boxes=None) -> torch.Tensor:
+def mask_nms(
+    masks: torch.Tensor, scores, iou_threshold: float, boxes=None, areas=None
+) -> torch.Tensor:
     """Greedy non-maximum suppression on mask IoU (exact, pixel counts).
 
     A mask is dropped when its mask IoU with a higher-scored kept mask is > ``iou_threshold``
@@ -195,7 +197,8 @@ def mask_nms(masks: torch.Tensor, scores, iou_threshold: float, boxes=None) -> t
     Boxes only prune the pairs to test: IoU > t needs ``inter >= t * max(area_i, area_j)``,
     and ``inter`` is at most the box intersection.
 
-    masks (N, H, W) bool; scores (N,); boxes (N, 4) XYXY inclusive (computed if None).
+    masks (N, H, W) bool; scores (N,); boxes (N, 4) XYXY inclusive and areas (N,) pixel
+    counts (computed if None; callers that run NMS repeatedly over growing sets pass them).
     Returns kept indices (K,) int64 in decreasing score order.
     """
     import torch
@@ -211,7 +214,7 @@ def mask_nms(masks: torch.Tensor, scores, iou_threshold: float, boxes=None) -> t
     if boxes is None:
         boxes = boxes_from_masks(masks)
     flat = masks.reshape(n, -1)
-    area = flat.sum(1).double()
+    area = flat.sum(1).double() if areas is None else torch.as_tensor(areas).double()
     b = _as_float_boxes(boxes)
     cand = _box_inter(b, b) >= iou_threshold * torch.maximum(area[:, None], area[None, :])
     cand = cand.numpy()

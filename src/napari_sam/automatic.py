@@ -319,6 +319,8 @@ class _CropRun:
         self.scores = torch.zeros(0)
         self.stab = torch.zeros(0)
         self.points = np.zeros((0, 2))
+        self.boxes = torch.zeros(0, 4, dtype=torch.long)
+        self.areas = torch.zeros(0)
 
     def run(self, n_side: int, tick: _Ticker) -> None:
         torch, p = self.torch, self.p
@@ -363,13 +365,19 @@ class _CropRun:
         if not ok.any():
             return
         index = dec.index[ok]
-        self.masks = torch.cat([self.masks, masks[ok]])
+        new = masks[ok]
+        self.boxes = torch.cat([self.boxes, amg_ops.boxes_from_masks(new)])
+        self.areas = torch.cat([self.areas, new.flatten(1).sum(1).float()])
+        self.masks = torch.cat([self.masks, new])
         self.logits = torch.cat([self.logits, logits[ok].half()])
         self.scores = torch.cat([self.scores, dec.iou_predictions[index[:, 0], index[:, 1]]])
         self.stab = torch.cat([self.stab, stab[ok]])
         self.points = np.concatenate([self.points, pts[index[:, 0].numpy()]])
-        keep = amg_ops.mask_nms(self.masks, self.scores, p.nms_iou_thresh)
+        keep = amg_ops.mask_nms(
+            self.masks, self.scores, p.nms_iou_thresh, boxes=self.boxes, areas=self.areas
+        )
         self.masks, self.logits = self.masks[keep], self.logits[keep]
+        self.boxes, self.areas = self.boxes[keep], self.areas[keep]
         self.scores, self.stab = self.scores[keep], self.stab[keep]
         self.points = self.points[keep.numpy()]
 
@@ -379,7 +387,7 @@ class _CropRun:
         x0c, y0c, x1c, y1c = crop_box
         h_img, w_img = image_shape
         out = []
-        boxes = amg_ops.boxes_from_masks(self.masks)
+        boxes = self.boxes
         max_area = p.max_area_fraction * self.ch * self.cw
         for i in range(len(self.scores)):
             bx0, by0, bx1, by1 = (int(v) for v in boxes[i])

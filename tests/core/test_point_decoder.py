@@ -123,10 +123,14 @@ def test_prompt_rendering_encoder_dense_per_prompt():
         }
     )
     emb = torch.randn(1, 32, 16, 16)
-    pts = torch.tensor([[10.0, 20.0], [64.0, 64.0], [120.0, 5.0]])
+    # corners, edges, the middle and off-grid positions: the windows are clamped at borders
+    pts = torch.tensor(
+        [[10.0, 20.0], [64.0, 64.0], [120.0, 5.0], [0.0, 0.0], [127.0, 127.0], [3.3, 90.7]]
+    )
     ref = _reference(sam, emb, pts)
     fast = PointDecoder(sam, precision="float32")
-    assert fast.dense_per_prompt and fast.uses_fast_path
+    # the dense prompt is rendered in a window around each point, not over the whole mask
+    assert fast.dense_per_prompt and fast.uses_fast_path and fast.local_render
     fast.set_embedding(emb)
     out = fast.decode(pts)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
