@@ -77,6 +77,14 @@ class TrainConfig:
     # images drawn at canvas / f and resized by f (log-uniform in this range), so that
     # object edges, blur and noise also look like up-/down-sampled inputs
     resample_range: tuple[float, float] = (1.0, 1.0)
+    # objects of a step drawn with probability ~ area ** size_power (0: uniform). Scenes
+    # hold many small objects; 0.5 (~ radius) gives large ones their share of the loss
+    size_power: float = 0.0
+    # 0: evaluate at the training canvas. N: evaluation images of eval_size pixels
+    # (default canvas) are resized to N like the predictor does (e.g. 256 -> 512), with
+    # SAM's positional encoding: the numbers then match benchmarks/bench_quality.py
+    eval_canvas: int = 0
+    eval_size: int = 0
     seed: int = 0
     threads: int = 2
     ckpt_every: int = 50  # 0: no checkpoint files at all (fine-tuning in memory)
@@ -216,13 +224,15 @@ def eval_set(cfg: TrainConfig, n: int | None = None) -> list[Sample]:
     """The fixed held-out synthetic set: seeds ``eval_seed + i``, kinds in rotation."""
     kinds = ["nuclei", "cells", "membrane", "elongated", "mixed"]
     out = []
+    size = cfg.eval_size or cfg.canvas
+    frame = cfg.eval_canvas or cfg.canvas
     for i in range(cfg.eval_images if n is None else n):
         rng = np.random.default_rng([cfg.eval_seed, i])
         scale = float(np.exp(rng.uniform(np.log(0.7), np.log(2.0))))
         image, labels = make_image(
-            cfg.eval_seed + i, (cfg.canvas, cfg.canvas), kinds[i % 5], [8, 16][i % 2], scale=scale
+            cfg.eval_seed + i, (size, size), kinds[i % 5], [8, 16][i % 2], scale=scale
         )
-        s = to_canvas(image, labels, cfg.canvas, min_area=30)
+        s = to_canvas(image, labels, frame, min_area=30 * (frame / size) ** 2)
         # fixed subset of objects per image
         idx = rng.permutation(len(s.masks))[: cfg.eval_objects]
         s.masks = [s.masks[j] for j in sorted(idx)]
@@ -619,13 +629,19 @@ def train(
 
     def run_eval():
         nonlocal stale, best
+        from napari_sam.model.small_encoder import set_canvas
+
+        if cfg.eval_canvas:
+            set_canvas(model, cfg.eval_canvas)
         m = evaluate(
             model,
             eval_samples,
             cfg.eval_clicks,
-            pe_span=_pe_span(cfg),
+            pe_span=1.0 if cfg.eval_canvas else _pe_span(cfg),
             mask_prompt=cfg.mask_prompt_prob > 0,
         )
+        if cfg.eval_canvas:
+            set_canvas(model, cfg.canvas)
         sc = score(m)
         history.append({"step": step, **m})
         improved = sc > best["score"]
@@ -682,7 +698,11 @@ def train(
             stats = []
             for i, s in enumerate(samples):
                 k = min(cfg.objects_per_image, len(s.masks))
-                idx = rng.choice(len(s.masks), size=k, replace=False)
+                if cfg.size_power:
+                    w = np.array([m.sum() for m in s.masks], float) ** cfg.size_power
+                    idx = rng.choice(len(s.masks), size=k, replace=False, p=w / w.sum())
+                else:
+                    idx = rng.choice(len(s.masks), size=k, replace=False)
                 if cfg.pe_reference:
                     span = _pe_span(cfg)
                     set_pe_frame(model, span, rng.uniform(0, 1 - span, 2))
