@@ -342,7 +342,7 @@ def open_cached_store(
             f"embeddings are kept in memory only: cannot use the embedding cache {path.parent} "
             f"({type(e).__name__}: {e}). Set {ENV_EMBEDDINGS} to a folder you can write to."
         )
-    weakref.finalize(store, release)
+    store._claims.append(weakref.finalize(store, release))
     cap_note = _enforce_cap(path, max_bytes)
     return store, "; ".join(n for n in (note, cap_note) if n)
 
@@ -554,6 +554,7 @@ class EmbeddingStore:
             "package_version": __version__,
         }
         self._group = None
+        self._claims: list[weakref.finalize] = []  # released by close() or on collection
         if self.path is not None:
             self._open_disk(overwrite)
 
@@ -594,8 +595,20 @@ class EmbeddingStore:
                 "slice_hash", shape=(self.n_slices, 16), chunks=(1, 16), dtype="uint8",
                 fill_value=0, compressors=None,
             )  # fmt: skip
-        # in use until garbage collected: never pruned from the cache meanwhile
-        self._registration = _cache.register_open(self, self.path)
+        # in use until closed or garbage collected: never pruned from the cache meanwhile
+        self._claims.append(_cache.register_open(self, self.path))
+
+    def close(self) -> None:
+        """Stop claiming the on-disk store and drop the in-memory LRU.
+
+        The store then no longer counts as in use for the embedding cache's size cap
+        (:mod:`napari_sam.embedding_cache`): a later prune may delete its files, so do not
+        use this object afterwards. Idempotent; also happens when it is garbage collected.
+        The widget closes a session's stores when the session ends.
+        """
+        for claim in self._claims:
+            claim()
+        self._cache.clear()
 
     def _remove_existing(self) -> None:
         """Delete the store at ``path`` for overwrite=True, but never anything else."""

@@ -143,6 +143,19 @@ def test_stores_in_use_in_this_process_are_never_deleted(root, predictor, base):
     assert _names(root) == [new.path.name]
 
 
+def test_a_closed_store_is_no_longer_in_use(root, predictor, base):
+    store = _open(root, predictor, base, 0)
+    assert cache_usage(root)[0].in_use and len(os.listdir(root / LEASE_DIR)) == 1
+    assert store.cache_nbytes == 0  # precompute keeps disk slices out of the LRU
+    store.get(0)
+    assert store.cache_nbytes > 0
+    store.close()
+    store.close()  # idempotent
+    assert not cache_usage(root)[0].in_use and os.listdir(root / LEASE_DIR) == []
+    assert store.cache_nbytes == 0
+    assert [s.path for s in prune_cache(0, root)] == [store.path]
+
+
 def test_nothing_outside_the_cache_stores_is_touched(tmp_path, root, predictor, base):
     import zarr
 

@@ -215,6 +215,8 @@ class VolumeActions:
         if self._store_opening.get(axis) is future:
             del self._store_opening[axis]
         if self._closed() or ann is not self.annotator:
+            if future.exception() is None:  # opened for a session that has ended
+                future.result()[0].close()
             return
         exc = future.exception()
         after, self._volume_deferred = self._volume_deferred, None
