@@ -445,6 +445,14 @@ class Annotator:
             )
         self._stores[int(store.axis)] = store
 
+    def close_stores(self) -> None:
+        """Close the attached stores (``EmbeddingStore.close``) when the session ends: the
+        disk cache may then delete them to stay under its size cap. Do not use them after."""
+        for store in list(self._stores.values()):
+            close = getattr(store, "close", None)
+            if callable(close):
+                close()
+
     def store_for(self, key: SliceKey | None = None):
         """``(store, z)`` serving plane ``key`` (default: current), or ``(None, None)``."""
         key = self._key if key is None else key

@@ -16,6 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("napari_sam._cli_models", "list known model checkpoints and the cache"),
     "download": ("napari_sam._cli_download", "download model checkpoints into the cache"),
+    "cache": ("napari_sam._cli_cache", "list or prune the stored stack embeddings"),
     "export": ("napari_sam.io.export_cmd", "convert labels between TIFF, zarr and OME-Zarr"),
     "train": ("napari_sam._cli_train", "train or fine-tune a SAM model with simulated prompts"),
     "demo": ("napari_sam._cli_demo", "open napari with a sample image and the SAM annotator"),

@@ -30,7 +30,9 @@ its image changed, encoded again and overwritten (listed in ``stale_slices``) in
 
 The napari widget keeps one store per (image, model, preprocessing, slice axis) in the
 user cache (:func:`cache_root`, :func:`open_cached_store`): ``$NAPARI_SAM_EMBEDDINGS``
-names another folder, or ``memory`` to keep embeddings in memory only.
+names another folder, or ``memory`` to keep embeddings in memory only. That folder is
+capped at ``$NAPARI_SAM_EMBEDDINGS_MAX_GB`` (default 20 GB): opening a store deletes the
+least recently used stores not in use (:mod:`napari_sam.embedding_cache`).
 
 Writes are ordered ``features[z]`` -> ``slice_hash[z]`` -> ``done[z]`` and each chunk is
 written atomically by zarr's LocalStore, so an interrupted run leaves only complete
@@ -48,8 +50,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -58,23 +62,32 @@ from typing import Any, Literal
 
 import numpy as np
 
+from napari_sam import embedding_cache as _cache
+from napari_sam.embedding_cache import (  # noqa: F401 (re-exported)
+    ENV_EMBEDDINGS,
+    ENV_MAX_GB,
+    _cache_dir,
+    cache_root,
+    cache_usage,
+    prune_cache,
+)
+
 __all__ = [
     "EmbeddingMismatchError",
     "EmbeddingStore",
     "PrecomputeEvent",
     "StoredEmbedding",
     "cache_root",
+    "cache_usage",
     "cached_store_path",
     "default_store_path",
     "hash_slice",
     "hash_weights",
     "model_weights_hash",
     "open_cached_store",
+    "prune_cache",
     "stack_fingerprint",
 ]
-
-#: environment variable: a folder for the GUI's stores, or "memory" (no disk)
-ENV_EMBEDDINGS = "NAPARI_SAM_EMBEDDINGS"
 
 _ATTR_KEY = "napari_sam_embeddings"
 _FORMAT = 1
@@ -193,20 +206,6 @@ def _byte_dtype():
     return torch.uint8
 
 
-def _cache_dir() -> Path:
-    try:
-        from napari_sam.model.registry import cache_dir
-
-        return Path(cache_dir())
-    except ImportError:
-        env = os.environ.get("NAPARI_SAM_CACHE")
-        if env:
-            return Path(env)
-        import platformdirs
-
-        return Path(platformdirs.user_cache_dir("napari-sam"))
-
-
 def default_store_path(
     image_path: str | os.PathLike | None = None, *, key: str, in_cache: bool = False
 ) -> Path:
@@ -224,18 +223,6 @@ def default_store_path(
         p = Path(image_path)
         return p.with_name(p.name + ".napari-sam") / f"{safe}.zarr"
     return _cache_dir() / "embeddings" / f"{safe}.zarr"
-
-
-def cache_root() -> Path | None:
-    """Folder of the GUI's embedding stores: ``$NAPARI_SAM_EMBEDDINGS`` if it names a
-    folder, None if it is ``memory`` (embeddings in memory only, nothing written), else
-    ``<cache dir>/embeddings`` (cache dir: ``$NAPARI_SAM_CACHE`` or the user cache)."""
-    env = os.environ.get(ENV_EMBEDDINGS, "").strip()
-    if env.lower() in ("memory", "off", "none", "0"):
-        return None
-    if env:
-        return Path(env).expanduser()
-    return _cache_dir() / "embeddings"
 
 
 def stack_fingerprint(stack, planes: int = 8) -> str:
@@ -274,7 +261,7 @@ def cached_store_path(
     same model finds its store again and anything else gets another one. ``root``:
     default :func:`cache_root` (or ``<cache dir>/embeddings`` when that is "memory")."""
     if root is None:
-        root = cache_root() or _cache_dir() / "embeddings"
+        root = _cache.default_root()
     parts = (stack_fingerprint(stack), f"axis {axis % 3}", model_name, weights_hash,
              preprocess_key, np.dtype(dtype).name)  # fmt: skip
     key = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=16).hexdigest()
@@ -291,6 +278,7 @@ def open_cached_store(
     root: str | os.PathLike | None = None,
     dtype: Literal["float16", "float32"] = "float32",
     cache_bytes: int = 512 * 2**20,
+    max_bytes: int | None | Literal["env"] = "env",
 ) -> tuple[EmbeddingStore, str]:
     """The GUI's store of a stack: on disk under ``root`` (default :func:`cache_root`),
     reopened when it exists. Returns ``(store, note)``; ``note`` is "" or says what
@@ -299,11 +287,18 @@ def open_cached_store(
     - a store at that path made with other settings (another package version, a damaged
       store, ...) is deleted and computed again (never reused);
     - ``root`` "memory" (``NAPARI_SAM_EMBEDDINGS=memory``: note "") or not writable: an
-      in-memory store.
+      in-memory store;
+    - the folder's stores exceed ``max_bytes`` (default "env":
+      ``$NAPARI_SAM_EMBEDDINGS_MAX_GB``, 20 GB; None: no cap): the least recently used
+      stores not in use are deleted (:func:`~napari_sam.embedding_cache.prune_cache`;
+      never this one) and the note says how much was freed. A bad value of the variable
+      is named in the note and the default cap applies.
 
-    O(model size) for the weights hash on the first call per model and O(8 planes) for the
-    fingerprint; done slices are checked one by one when read (``verify="repair"``). Call
-    it off the GUI thread. Never raises for an unusable folder.
+    The store is leased (``<root>/.in-use/``) while the returned object lives, so no
+    process deletes it meanwhile. O(model size) for the weights hash on the first call per
+    model, O(8 planes) for the fingerprint and O(files in the folder) ``stat`` calls for
+    the cap; done slices are checked one by one when read (``verify="repair"``). Call it
+    off the GUI thread. Never raises for an unusable folder.
     """
     if weights_hash is None:
         weights_hash = model_weights_hash(predictor.model)
@@ -325,23 +320,67 @@ def open_cached_store(
         dtype=dtype,
         root=root,
     )
+    release = None
     try:
+        _discard_partial(path)
+        release = _cache.acquire_lease(path)
         try:
-            return EmbeddingStore(stack, predictor, path, verify="repair", **kw), ""
+            store, note = EmbeddingStore(stack, predictor, path, verify="repair", **kw), ""
         except OSError:
             raise
         except Exception as e:  # noqa: BLE001 - other settings or a damaged store
             store = EmbeddingStore(stack, predictor, path, overwrite=True, **kw)
-            return store, (
+            note = (
                 f"the stored embeddings of this stack ({path}) do not fit "
                 f"({_mismatch_summary(e)}): computing them again"
             )
     except OSError as e:  # unwritable / full / not a folder; FileExistsError too
+        if release is not None:
+            release()
         store = EmbeddingStore(stack, predictor, **kw)
         return store, (
             f"embeddings are kept in memory only: cannot use the embedding cache {path.parent} "
             f"({type(e).__name__}: {e}). Set {ENV_EMBEDDINGS} to a folder you can write to."
         )
+    store._claims.append(weakref.finalize(store, release))
+    cap_note = _enforce_cap(path, max_bytes)
+    return store, "; ".join(n for n in (note, cap_note) if n)
+
+
+def _discard_partial(path: Path) -> None:
+    """Delete a cache store folder without metadata (its files were removed while a
+    process used it); it would otherwise block the store's path."""
+    try:
+        partial = path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir())
+    except OSError:
+        return
+    if partial and not _cache.is_in_use(path):
+        trash = _cache._discard(path)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _enforce_cap(path: Path, max_bytes: int | None | str) -> str:
+    """Prune the folder of ``path`` to ``max_bytes`` (keeping ``path``); a note or ""."""
+    warning = ""
+    if max_bytes == "env":
+        try:
+            max_bytes = _cache.max_cache_bytes()
+        except ValueError as e:
+            max_bytes = _cache.DEFAULT_MAX_GB * _cache.GIB
+            warning = f"{e} (using the default, {_cache.DEFAULT_MAX_GB} GB)"
+    try:
+        removed = prune_cache(max_bytes, path.parent, keep=[path], background=True)
+    except OSError:  # never fail an open over housekeeping
+        removed = []
+    if removed:
+        freed = _cache.format_bytes(sum(s.nbytes for s in removed))
+        removal = (
+            f"embedding cache over {_cache.format_bytes(max_bytes)} ({ENV_MAX_GB}): removed "
+            f"{len(removed)} least recently used store(s), {freed} freed"
+        )
+        return "; ".join(n for n in (warning, removal) if n)
+    return warning
 
 
 def _mismatch_summary(exc: Exception) -> str:
@@ -515,6 +554,7 @@ class EmbeddingStore:
             "package_version": __version__,
         }
         self._group = None
+        self._claims: list[weakref.finalize] = []  # released by close() or on collection
         if self.path is not None:
             self._open_disk(overwrite)
 
@@ -555,6 +595,20 @@ class EmbeddingStore:
                 "slice_hash", shape=(self.n_slices, 16), chunks=(1, 16), dtype="uint8",
                 fill_value=0, compressors=None,
             )  # fmt: skip
+        # in use until closed or garbage collected: never pruned from the cache meanwhile
+        self._claims.append(_cache.register_open(self, self.path))
+
+    def close(self) -> None:
+        """Stop claiming the on-disk store and drop the in-memory LRU.
+
+        The store then no longer counts as in use for the embedding cache's size cap
+        (:mod:`napari_sam.embedding_cache`): a later prune may delete its files, so do not
+        use this object afterwards. Idempotent; also happens when it is garbage collected.
+        The widget closes a session's stores when the session ends.
+        """
+        for claim in self._claims:
+            claim()
+        self._cache.clear()
 
     def _remove_existing(self) -> None:
         """Delete the store at ``path`` for overwrite=True, but never anything else."""

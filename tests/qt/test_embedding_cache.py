@@ -143,6 +143,31 @@ def test_other_model_does_not_reuse(open_widget, qtbot, models, embeddings_dir):
     wait_idle(qtbot, w)
     assert _store(w).path != first and _store(w).missing() == [0, 1, 3, 4, 5]
     assert counter_b.count == runs + 1  # its own embedding of the slice on screen
-    assert sorted(p.name for p in embeddings_dir.iterdir()) == sorted(
+    assert sorted(p.name for p in embeddings_dir.glob("*.zarr")) == sorted(
         [first.name, _store(w).path.name]
     )
+
+
+def test_cache_cap_removes_the_store_of_an_ended_session(
+    open_widget, qtbot, embeddings_dir, monkeypatch
+):
+    img, _ = stack(6)
+    viewer, w = open_stack(open_widget, qtbot, img, 2)
+    w.precompute_stack()
+    wait_idle(qtbot, w, timeout=120_000)
+    first = _store(w)
+    monkeypatch.setenv("NAPARI_SAM_EMBEDDINGS_MAX_GB", "0.000001")  # about 1 KiB
+    # the user moves on to another stack: the first session ends and closes its store
+    viewer.add_image(img + 1, name="second")
+    w.image_combo.setCurrentIndex(w.image_combo.findText("second"))
+    wait_idle(qtbot, w)
+    second = _store(w)
+    assert second.path not in (None, first.path) and second.path.exists()
+    assert not first.path.exists()
+    assert "removed 1 least recently used store(s)" in w.store_note
+    assert "NAPARI_SAM_EMBEDDINGS_MAX_GB" in w.store_note
+    # the open store is kept, however far over the cap
+    viewer.dims.set_current_step(0, 4)
+    w.precompute_stack()
+    wait_idle(qtbot, w, timeout=120_000)
+    assert second.path.exists() and second.missing() == []

@@ -33,6 +33,8 @@ Rules (also in docs/usage.md):
   before the first encoder call; stored slices are checked against the image one by one
   when first used. A store made with other settings is computed again (status line); an
   unwritable folder or ``NAPARI_SAM_EMBEDDINGS=memory`` keeps them in memory only.
+  Opening also keeps the folder under ``NAPARI_SAM_EMBEDDINGS_MAX_GB`` (least recently
+  used stores not in use are deleted; the status line says how much was freed).
 - **Undo.** A run (complete or cancelled) is one entry in the annotator's undo history;
   Ctrl-Z during a run cancels it, then undoes it.
 """
@@ -98,7 +100,8 @@ class VolumeActions:
         self.store_label.setWordWrap(True)
         self.store_label.setToolTip(
             "Stack embeddings are kept in the user cache (NAPARI_SAM_EMBEDDINGS=memory: "
-            "in memory only); see docs/usage.md to clear them"
+            "in memory only), at most NAPARI_SAM_EMBEDDINGS_MAX_GB (default 20) GB: the "
+            "least recently used go first. `napari-sam cache` lists or clears them"
         )
         lay.addWidget(self.store_label)
         self._update_volume_buttons()
@@ -212,6 +215,8 @@ class VolumeActions:
         if self._store_opening.get(axis) is future:
             del self._store_opening[axis]
         if self._closed() or ann is not self.annotator:
+            if future.exception() is None:  # opened for a session that has ended
+                future.result()[0].close()
             return
         exc = future.exception()
         after, self._volume_deferred = self._volume_deferred, None

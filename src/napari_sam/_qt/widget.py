@@ -530,6 +530,8 @@ class SamWidget(VolumeActions, QWidget):
             with contextlib.suppress(TypeError, ValueError, RuntimeError):
                 self.image_layer.events.data.disconnect(self._on_image_data)
             self._unbind_layer_keys(self.image_layer)
+        if self.annotator is not None:  # its stores may now leave the disk cache
+            self.annotator.close_stores()
         self.annotator = None
         if remove_layers or not keep_layers:
             helpers = [self.points_layer, self.box_layer, *self.candidate_layers]
