@@ -217,11 +217,12 @@ def test_bad_input_errors(predictor, scene):
 
 
 def _default_predictor():
-    from napari_sam import SamPredictor
+    import napari_sam
+    from napari_sam.model.small_encoder import default_weights
 
-    from ._default_model import trained_default_model
-
-    return SamPredictor(trained_default_model())
+    if not default_weights().is_file():
+        pytest.skip("no default model is bundled")
+    return napari_sam.SamPredictor(napari_sam.load_model())
 
 
 def _single_point_miou(predictor, img, gt, n=20) -> float:
@@ -252,7 +253,8 @@ def test_instance_f1_on_synthetic_scenes_with_default_model():
     from napari_sam.train.synthetic import make_image
 
     predictor = _default_predictor()
-    scenes = [make_image(1000 + seed, shape=(256, 256), kind="nuclei") for seed in range(2)]
+    # held-out seeds (training draws seeds below 1,000,000; calibration uses 3,200,000+)
+    scenes = [make_image(3_400_000 + s, shape=(256, 256), kind="nuclei") for s in range(2)]
     miou = _single_point_miou(predictor, *scenes[0])
     if miou < 0.6:
         pytest.skip(

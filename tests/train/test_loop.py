@@ -204,3 +204,33 @@ def test_resampled_images_keep_object_size_in_canvas_pixels():
 
     plain, resampled = median_area((1.0, 1.0)), median_area((2.0, 2.0))
     assert 0.5 < resampled / plain < 2.0, (plain, resampled)
+
+
+def test_pick_objects_favours_large_objects_with_size_power():
+    masks = [np.zeros((10, 10), bool) for _ in range(10)]
+    for i, m in enumerate(masks):
+        m.flat[: (i + 1) ** 2 // 2 + 1] = True  # areas 1 .. 51
+    areas = np.array([m.sum() for m in masks])
+
+    def mean_area(power):
+        rng = np.random.default_rng(0)
+        picks = [L.pick_objects(masks, 3, rng, power) for _ in range(400)]
+        assert all(len(set(p)) == 3 for p in picks)  # distinct objects
+        return areas[np.concatenate(picks)].mean()
+
+    uniform, weighted = mean_area(0.0), mean_area(1.0)
+    assert uniform == pytest.approx(areas.mean(), rel=0.1)
+    assert weighted > 1.3 * uniform
+
+
+def test_evaluation_through_a_larger_frame(tmp_path):
+    """eval_canvas / eval_size: held-out images of eval_size pixels resized to eval_canvas
+    (like the predictor), evaluated with SAM's encoding; training goes on at its canvas."""
+    cfg = _cfg(tmp_path, steps=2, eval_every=2, eval_images=3, eval_size=48, eval_canvas=128)
+    samples = L.eval_set(cfg)
+    assert samples[0].image.shape == (3, 128, 128) and samples[0].masks[0].shape == (128, 128)
+    events = []
+    model, history = L.train(cfg, callback=events.append, eval_samples=samples)
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [2]
+    assert history[-1]["objects"] > 0
+    assert tuple(model.prompt_encoder.input_image_size) == (64, 64)  # back to the canvas

@@ -306,6 +306,15 @@ def _low_res_targets(masks: list, torch, side: int | None = None) -> object:
     return F.avg_pool2d(t, factor)
 
 
+def pick_objects(masks: list, k: int, rng, size_power: float = 0.0) -> np.ndarray:
+    """Indices of up to ``k`` distinct masks, drawn with probability ~ area ** size_power."""
+    k = min(k, len(masks))
+    if not size_power:
+        return rng.choice(len(masks), size=k, replace=False)
+    w = np.array([m.sum() for m in masks], float) ** size_power
+    return rng.choice(len(masks), size=k, replace=False, p=w / w.sum())
+
+
 def set_pe_frame(model, span: float = 1.0, offset=(0.0, 0.0)) -> None:
     """Place the model's input frame inside a larger positional-encoding frame (see
     ``PositionEmbeddingRandom``); ``set_pe_frame(model)`` restores SAM's encoding."""
@@ -697,12 +706,7 @@ def train(
             loss = 0.0
             stats = []
             for i, s in enumerate(samples):
-                k = min(cfg.objects_per_image, len(s.masks))
-                if cfg.size_power:
-                    w = np.array([m.sum() for m in s.masks], float) ** cfg.size_power
-                    idx = rng.choice(len(s.masks), size=k, replace=False, p=w / w.sum())
-                else:
-                    idx = rng.choice(len(s.masks), size=k, replace=False)
+                idx = pick_objects(s.masks, cfg.objects_per_image, rng, cfg.size_power)
                 if cfg.pe_reference:
                     span = _pe_span(cfg)
                     set_pe_frame(model, span, rng.uniform(0, 1 - span, 2))
