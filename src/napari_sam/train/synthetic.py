@@ -232,7 +232,7 @@ def _nucleus_value(rng, canvas, shp, brightness):
     """Intensity of a nucleus: radial profile, chromatin texture, speckles, nucleoli."""
     profile = 1 - rng.uniform(0, 0.35) * shp.rel**2  # brighter centre, dimmer rim
     rim = rng.uniform(0, 0.3)  # some nuclei have a brighter envelope
-    profile = profile + rim * np.exp(-shp.depth / 1.2)
+    profile = profile + rim * np.exp(-np.maximum(shp.depth, 0) / 1.2)  # inside: depth >= 0
     val = brightness * profile * canvas.texture(shp, rng.uniform(0.05, 0.3), rng.uniform(0, 0.2))
     if rng.random() < 0.4:  # dark nucleoli
         for _ in range(rng.integers(1, 4)):
