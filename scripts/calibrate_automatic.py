@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 KINDS = ("nuclei", "cells", "mixed")
-IOU = (0.3, 0.45, 0.6, 0.75, 0.88)
-STABILITY = (0.7, 0.85, 0.95)
+IOU = (0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.88)
+STABILITY = (0.5, 0.7, 0.85, 0.95)
 
 
 def main(argv=None) -> int:
