@@ -195,7 +195,11 @@ class SamPredictor:
         self.model_key = model_key
         self.encoder_dtype = encoder_dtype
         self.fast_decoder = fast_decoder
-        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        # models trained at native pixel scale (nsam) set max_upscale: small slices are
+        # padded instead of enlarged
+        self.transform = ResizeLongestSide(
+            model.image_encoder.img_size, getattr(model, "max_upscale", None)
+        )
         self.encoder_runs = 0
         self._embedding: Embedding | None = None
         self._prepared: _fast_decoder.Prepared | None = None
@@ -240,7 +244,7 @@ class SamPredictor:
                 "-" if key is None else repr(key),
                 model_key,
                 self.contrast.key(),
-                f"S{self.transform.target_length}",
+                self.transform.key(),
                 self.encoder_dtype,
             )
         )
@@ -264,7 +268,7 @@ class SamPredictor:
         self._set(emb)
 
     def _encode(self, rgb: np.ndarray, signature: str) -> Embedding:
-        x = resize_to_input(rgb, self.transform.target_length)  # 1 x 3 x h' x w' uint8
+        x = resize_to_input(rgb, self.transform.target_length, self.transform.max_scale)
         input_size = (int(x.shape[-2]), int(x.shape[-1]))
         x = self.model.preprocess(x.to(self.device, torch.float32))
         if self.encoder_dtype == "bfloat16":

@@ -221,25 +221,45 @@ class ResizeLongestSide:
     The resized size of an (H, W) slice is :meth:`get_preprocess_shape`. Points scale
     per axis: ``x * new_w / W`` and ``y * new_h / H`` (the official SAM convention, so that
     prompts mean the same as with segment-anything).
+
+    ``max_scale``: None (SAM: small slices are up-sampled to ``target_length``) or the
+    largest up-sampling factor (1.0: a slice smaller than the encoder input is padded, not
+    enlarged; the project's CNN models, trained at native pixel scale, set this).
     """
 
-    def __init__(self, target_length: int) -> None:
+    def __init__(self, target_length: int, max_scale: float | None = None) -> None:
         if int(target_length) < 1:
             raise ValueError(f"target_length must be >= 1, got {target_length}")
+        if max_scale is not None and not max_scale > 0:
+            raise ValueError(f"max_scale must be > 0 or None, got {max_scale}")
         self.target_length = int(target_length)
+        self.max_scale = None if max_scale is None else float(max_scale)
 
     @staticmethod
-    def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
-        """(H, W) -> (new_h, new_w) with max(new_h, new_w) == long_side_length, sides >= 1."""
+    def get_preprocess_shape(
+        oldh: int, oldw: int, long_side_length: int, max_scale: float | None = None
+    ) -> tuple[int, int]:
+        """(H, W) -> (new_h, new_w) with max(new_h, new_w) == long_side_length (or the
+        slice scaled by ``max_scale`` if that is smaller), sides >= 1."""
         scale = long_side_length * 1.0 / max(oldh, oldw)
+        if max_scale is not None:
+            scale = min(scale, max_scale)
         return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
     def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
-        return self.get_preprocess_shape(original_size[0], original_size[1], self.target_length)
+        return self.get_preprocess_shape(
+            original_size[0], original_size[1], self.target_length, self.max_scale
+        )
+
+    def key(self) -> str:
+        """Cache-key part of the geometry: ``S<target>`` (and ``x<max_scale>`` if set)."""
+        return f"S{self.target_length}" + (
+            "" if self.max_scale is None else f"x{self.max_scale:g}"
+        )
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> (new_h, new_w, 3) uint8."""
-        t = resize_to_input(image, self.target_length)
+        t = resize_to_input(image, self.target_length, self.max_scale)
         return t[0].permute(1, 2, 0).numpy()
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
@@ -272,8 +292,9 @@ class ResizeLongestSide:
         return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
 
-def resize_to_input(rgb: np.ndarray, target_length: int):
-    """Resize a (H, W, 3) uint8 slice to longest side ``target_length``.
+def resize_to_input(rgb: np.ndarray, target_length: int, max_scale: float | None = None):
+    """Resize a (H, W, 3) uint8 slice to longest side ``target_length`` (up-sampling by at
+    most ``max_scale`` if given, see :class:`ResizeLongestSide`).
 
     Returns a (1, 3, new_h, new_w) uint8 torch tensor (bilinear, antialiased when shrinking).
     """
@@ -283,7 +304,7 @@ def resize_to_input(rgb: np.ndarray, target_length: int):
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"resize_to_input needs (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
     h, w = rgb.shape[:2]
-    size = ResizeLongestSide.get_preprocess_shape(h, w, target_length)
+    size = ResizeLongestSide.get_preprocess_shape(h, w, target_length, max_scale)
     t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # 1 x 3 x H x W
     if (h, w) == size:
         return t.contiguous()

@@ -628,3 +628,28 @@ def test_fast_decoder_can_be_switched_off(sam):
     b = slow.predict(**POINT, return_logits=True)
     _close(a[2], b[2])
     _close(a[0], b[0])
+
+
+def test_max_upscale_pads_small_slices_instead_of_enlarging_them(sam):
+    """A model with ``max_upscale = 1`` (the nsam models) sees a small slice at its own pixel
+    size, padded; prompts and masks keep their meaning, larger slices shrink as before."""
+    sam.max_upscale = 1.0
+    try:
+        pred = SamPredictor(sam)
+        assert pred.transform.max_scale == 1.0
+        pred.set_image(_smooth_image(60, 100))
+        assert pred.input_size == (60, 100)  # not (77, 128)
+        xy = np.array([[50.0, 30.0]])
+        np.testing.assert_allclose(pred.transform.apply_coords(xy, (60, 100)), xy)
+        masks, _, low = pred.predict(xy, np.array([1]))
+        assert masks.shape == (3, 60, 100) and low.shape == (3, 32, 32)
+        # the same slice enlarged by the plain predictor is another input: another result
+        plain_key = SamPredictor(build_sam_from_parts(PatchEncoder())).signature(
+            _smooth_image(60, 100)
+        )
+        assert pred.signature(_smooth_image(60, 100)).split("|")[4] == "S128x1"
+        assert plain_key.split("|")[4] == "S128"
+        pred.set_image(_smooth_image(300, 200))  # larger than the input: shrunk as before
+        assert pred.input_size == (128, 85)
+    finally:
+        del sam.max_upscale

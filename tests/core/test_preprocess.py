@@ -277,3 +277,20 @@ def official_transform():
     if not official_available():
         pytest.skip("segment-anything not installed")
     return import_official().utils.transforms.ResizeLongestSide
+
+
+def test_resize_longest_side_max_scale():
+    from napari_sam.preprocess import ResizeLongestSide, resize_to_input
+
+    up = ResizeLongestSide(512)
+    capped = ResizeLongestSide(512, max_scale=1.0)
+    assert up.input_size((256, 128)) == (512, 256)
+    assert capped.input_size((256, 128)) == (256, 128)
+    assert capped.input_size((1024, 300)) == up.input_size((1024, 300)) == (512, 150)
+    assert ResizeLongestSide(512, max_scale=1.5).input_size((200, 100)) == (300, 150)
+    assert (up.key(), capped.key()) == ("S512", "S512x1")
+    rgb = np.zeros((40, 30, 3), np.uint8)
+    assert tuple(resize_to_input(rgb, 64, 1.0).shape) == (1, 3, 40, 30)
+    assert tuple(resize_to_input(rgb, 64).shape) == (1, 3, 64, 48)
+    with pytest.raises(ValueError, match="max_scale"):
+        ResizeLongestSide(512, max_scale=0)

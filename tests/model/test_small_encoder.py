@@ -151,3 +151,12 @@ def test_checkpoint_roundtrip_half_and_canvas(tmp_path):
     assert tuple(again.prompt_encoder.mask_input_size) == (64, 64)
     with pytest.raises(ValueError, match="unknown nsam config"):
         build_nsam({"bogus": 1})
+
+
+def test_nsam_pads_small_slices_by_default():
+    from napari_sam.model.small_encoder import build_nsam
+
+    tiny = {"img_size": 64, "widths": [8, 8, 8, 8, 8], "depths": [0, 0, 0, 0, 0],
+            "embed_dim": 32, "decoder_mlp_dim": 32, "iou_head_hidden_dim": 16}  # fmt: skip
+    assert build_nsam(tiny).max_upscale == 1.0
+    assert build_nsam({**tiny, "max_upscale": None}).max_upscale is None  # SAM's rule

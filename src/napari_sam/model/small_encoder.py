@@ -51,6 +51,9 @@ NSAM_S: dict = {
     "render_box": 4.0,
     "render_point": 8.0,
     "render_sigma": 1.5,
+    # inference: slices smaller than img_size are padded, not up-sampled (the model is
+    # trained at native pixel scale; enlarging made its single-click masks much too small)
+    "max_upscale": 1.0,
 }
 
 
@@ -328,6 +331,7 @@ def build_nsam(config: Mapping | None = None, checkpoint=None, parts=None):
     )
     model = parts.Sam(encoder, prompt_encoder, decoder)
     model.nsam_config = cfg
+    model.max_upscale = cfg["max_upscale"]
     if checkpoint is not None:
         if isinstance(checkpoint, Mapping):
             state = checkpoint
