@@ -85,6 +85,9 @@ class TrainConfig:
     # SAM's positional encoding: the numbers then match benchmarks/bench_quality.py
     eval_canvas: int = 0
     eval_size: int = 0
+    # evaluation images smaller than eval_canvas enlarged by at most this (None: to fit;
+    # 1.0: padded, like the predictor does for nsam models)
+    eval_max_upscale: float | None = None
     seed: int = 0
     threads: int = 2
     ckpt_every: int = 50  # 0: no checkpoint files at all (fine-tuning in memory)
@@ -141,9 +144,17 @@ class Sample:
 
 
 def to_canvas(
-    image, labels, canvas: int, low=0.5, high=99.5, min_area=8, uint8_passthrough=True
+    image,
+    labels,
+    canvas: int,
+    low=0.5,
+    high=99.5,
+    min_area=8,
+    uint8_passthrough=True,
+    max_upscale: float | None = None,
 ) -> Sample:
-    """Resize (longest side -> canvas), normalise and pad one image with its labels."""
+    """Resize (longest side -> canvas, enlarging by at most ``max_upscale`` if given, like
+    the predictor), normalise and pad one image with its labels."""
     import torch
     import torch.nn.functional as F
 
@@ -153,6 +164,8 @@ def to_canvas(
     if img.shape[:2] != (h, w):
         raise ValueError(f"image {img.shape[:2]} and labels {labels.shape} differ in size")
     s = canvas / max(h, w)
+    if max_upscale is not None:
+        s = min(s, max_upscale)
     nh, nw = max(1, round(h * s)), max(1, round(w * s))
     t = torch.from_numpy(img).permute(2, 0, 1)[None]
     if (nh, nw) != (h, w):
@@ -232,7 +245,12 @@ def eval_set(cfg: TrainConfig, n: int | None = None) -> list[Sample]:
         image, labels = make_image(
             cfg.eval_seed + i, (size, size), kinds[i % 5], [8, 16][i % 2], scale=scale
         )
-        s = to_canvas(image, labels, frame, min_area=30 * (frame / size) ** 2)
+        up = (
+            frame / size
+            if cfg.eval_max_upscale is None
+            else min(frame / size, cfg.eval_max_upscale)
+        )
+        s = to_canvas(image, labels, frame, min_area=30 * up**2, max_upscale=cfg.eval_max_upscale)
         # fixed subset of objects per image
         idx = rng.permutation(len(s.masks))[: cfg.eval_objects]
         s.masks = [s.masks[j] for j in sorted(idx)]
