@@ -410,8 +410,21 @@ def finetune(
             eval_every=0,
             patience=0,
             resume=False,
+            # a smaller frame than the model's: crops at the predictor's scale, placed in
+            # the model's positional-encoding frame (as the model was trained)
+            pe_reference=img_size if canvas != img_size else 0,
         )
-        source = loop.ArraySource(split.train_images, split.train_labels, canvas)
+        if canvas != img_size:
+            source = loop.ArraySource(
+                split.train_images,
+                split.train_labels,
+                canvas,
+                frame=img_size,
+                max_upscale=getattr(work, "max_upscale", None),
+                min_area=cfg.min_area,
+            )
+        else:
+            source = loop.ArraySource(split.train_images, split.train_labels, canvas)
         emit({"stage": "train", "done": 0, "total": cfg.steps})
         if canvas != img_size:
             from napari_sam.model.small_encoder import set_canvas

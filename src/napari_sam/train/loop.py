@@ -141,6 +141,7 @@ class Sample:
     image: np.ndarray
     masks: list
     key: object = None
+    labels: np.ndarray | None = None  # (S, S) instance ids, where a source keeps them
 
 
 def to_canvas(
@@ -215,14 +216,41 @@ class SyntheticSource:
 
 
 class ArraySource:
-    """Training images from arrays (fine-tuning on annotations): cycles in random order."""
+    """Training images from arrays (fine-tuning on annotations): cycles in random order.
 
-    def __init__(self, images: Sequence, labels: Sequence, canvas: int):
+    Default: each image is resized to ``canvas`` (longest side) once. With ``frame``, each
+    image is first brought to the scale the predictor uses (longest side -> ``frame``,
+    enlarged by at most ``max_upscale``) and every sample is a random ``canvas`` x
+    ``canvas`` crop of it (padded where smaller): objects keep the pixel size they have at
+    inference while the training frame stays small (use with ``pe_reference = frame``).
+    """
+
+    def __init__(
+        self,
+        images: Sequence,
+        labels: Sequence,
+        canvas: int,
+        frame: int | None = None,
+        max_upscale: float | None = None,
+        min_area: int = 8,
+    ):
         if len(images) != len(labels) or not images:
             raise ValueError("images and labels must be non-empty lists of equal length")
+        self.canvas, self.frame, self.min_area = canvas, frame, min_area
         self.samples = []
         for i, (im, lab) in enumerate(zip(images, labels, strict=True)):
-            s = to_canvas(im, lab, canvas)
+            if frame is None:
+                s = to_canvas(im, lab, canvas)
+            else:
+                lab = np.asarray(lab)
+                h, w = lab.shape
+                # the predictor's geometry, without padding to the square frame
+                side = frame / max(h, w)
+                if max_upscale is not None:
+                    side = min(side, max_upscale)
+                long = max(1, round(max(h, w) * side))
+                s = to_canvas(im, lab, long, min_area=min_area, max_upscale=max_upscale)
+                s.labels = _crop_labels(s, lab, long, max_upscale)
             s.key = i
             if s.masks:
                 self.samples.append(s)
@@ -230,7 +258,43 @@ class ArraySource:
             raise ValueError("no labelled objects found in the training labels")
 
     def sample(self, rng: np.random.Generator) -> Sample:
-        return self.samples[int(rng.integers(len(self.samples)))]
+        s = self.samples[int(rng.integers(len(self.samples)))]
+        if self.frame is None:
+            return s
+        c = self.canvas
+        lab = s.labels
+        h, w = lab.shape
+        # a crop around a random object pixel, so that every crop holds an object
+        ys, xs = np.nonzero(lab)
+        k = int(rng.integers(ys.size))
+        y, x = int(ys[k]), int(xs[k])
+        y0 = int(rng.integers(max(0, y - c + 1), min(y, h - c) + 1)) if h > c else 0
+        x0 = int(rng.integers(max(0, x - c + 1), min(x, w - c) + 1)) if w > c else 0
+        img = np.zeros((3, c, c), np.float32)
+        crop = s.image[:, y0 : y0 + c, x0 : x0 + c]
+        img[:, : crop.shape[1], : crop.shape[2]] = crop
+        cl = np.zeros((c, c), lab.dtype)
+        part = lab[y0 : y0 + c, x0 : x0 + c]
+        cl[: part.shape[0], : part.shape[1]] = part
+        ids, counts = np.unique(cl, return_counts=True)
+        masks = [cl == i for i, n in zip(ids, counts, strict=True) if i and n >= self.min_area]
+        if not masks:  # only a sliver of the chosen object is inside: train on it anyway
+            masks = [cl == lab[y, x]]
+        return Sample(np.ascontiguousarray(img), masks, (s.key, y0, x0))
+
+
+def _crop_labels(sample: Sample, labels: np.ndarray, long: int, max_upscale) -> np.ndarray:
+    """The label image of ``sample`` (resized like its image, padded to ``long``)."""
+    h, w = labels.shape
+    s = long / max(h, w)
+    if max_upscale is not None:
+        s = min(s, max_upscale)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    idx_y = np.minimum((np.arange(nh) + 0.5) / s, h - 1).astype(int)
+    idx_x = np.minimum((np.arange(nw) + 0.5) / s, w - 1).astype(int)
+    out = np.zeros(sample.image.shape[1:], labels.dtype)
+    out[:nh, :nw] = labels[idx_y][:, idx_x]
+    return out
 
 
 def eval_set(cfg: TrainConfig, n: int | None = None) -> list[Sample]:
