@@ -197,9 +197,9 @@ def _preprocess_key(predictor) -> str:
     encoder_dtype = getattr(predictor, "encoder_dtype", None)
     if encoder_dtype is not None:  # a bfloat16 encoder gives other features
         preprocess_key += f"|encoder {encoder_dtype}"
-    max_scale = getattr(getattr(predictor, "transform", None), "max_scale", None)
-    if max_scale is not None:  # small slices padded, not enlarged: other features
-        preprocess_key += f"|max upscale {max_scale:g}"
+    min_side = getattr(getattr(predictor, "transform", None), "min_side", None)
+    if min_side is not None:  # small slices not enlarged to the input size: other features
+        preprocess_key += f"|min side {min_side}"
     return preprocess_key
 
 

@@ -420,7 +420,7 @@ def finetune(
                 split.train_labels,
                 canvas,
                 frame=img_size,
-                max_upscale=getattr(work, "max_upscale", None),
+                min_side=getattr(work, "input_min_side", None),
                 min_area=cfg.min_area,
             )
         else:

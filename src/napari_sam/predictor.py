@@ -195,10 +195,10 @@ class SamPredictor:
         self.model_key = model_key
         self.encoder_dtype = encoder_dtype
         self.fast_decoder = fast_decoder
-        # models trained at native pixel scale (nsam) set max_upscale: small slices are
-        # padded instead of enlarged
+        # models trained at native pixel scale (nsam) set input_min_side: small slices are
+        # enlarged only up to that side and padded, not blown up to the input size
         self.transform = ResizeLongestSide(
-            model.image_encoder.img_size, getattr(model, "max_upscale", None)
+            model.image_encoder.img_size, getattr(model, "input_min_side", None)
         )
         self.encoder_runs = 0
         self._embedding: Embedding | None = None
@@ -268,7 +268,7 @@ class SamPredictor:
         self._set(emb)
 
     def _encode(self, rgb: np.ndarray, signature: str) -> Embedding:
-        x = resize_to_input(rgb, self.transform.target_length, self.transform.max_scale)
+        x = resize_to_input(rgb, self.transform.target_length, self.transform.min_side)
         input_size = (int(x.shape[-2]), int(x.shape[-1]))
         x = self.model.preprocess(x.to(self.device, torch.float32))
         if self.encoder_dtype == "bfloat16":

@@ -222,44 +222,45 @@ class ResizeLongestSide:
     per axis: ``x * new_w / W`` and ``y * new_h / H`` (the official SAM convention, so that
     prompts mean the same as with segment-anything).
 
-    ``max_scale``: None (SAM: small slices are up-sampled to ``target_length``) or the
-    largest up-sampling factor (1.0: a slice smaller than the encoder input is padded, not
-    enlarged; the project's CNN models, trained at native pixel scale, set this).
+    ``min_side``: None (SAM's rule: every slice is resized to ``target_length``) or the
+    longest side up to which small slices are enlarged: a slice between ``min_side`` and
+    ``target_length`` keeps its size (padded), a smaller one is enlarged to ``min_side``,
+    a larger one shrinks to ``target_length`` as usual (see :func:`input_scale`; the
+    project's CNN models, trained at native pixel scale, set it).
     """
 
-    def __init__(self, target_length: int, max_scale: float | None = None) -> None:
+    def __init__(self, target_length: int, min_side: int | None = None) -> None:
         if int(target_length) < 1:
             raise ValueError(f"target_length must be >= 1, got {target_length}")
-        if max_scale is not None and not max_scale > 0:
-            raise ValueError(f"max_scale must be > 0 or None, got {max_scale}")
+        if min_side is not None and not int(min_side) >= 1:
+            raise ValueError(f"min_side must be None or >= 1, got {min_side}")
         self.target_length = int(target_length)
-        self.max_scale = None if max_scale is None else float(max_scale)
+        # a min_side at or above the input size is SAM's rule
+        self.min_side = (
+            None if min_side is None or int(min_side) >= self.target_length else int(min_side)
+        )
 
     @staticmethod
     def get_preprocess_shape(
-        oldh: int, oldw: int, long_side_length: int, max_scale: float | None = None
+        oldh: int, oldw: int, long_side_length: int, min_side: int | None = None
     ) -> tuple[int, int]:
-        """(H, W) -> (new_h, new_w) with max(new_h, new_w) == long_side_length (or the
-        slice scaled by ``max_scale`` if that is smaller), sides >= 1."""
-        scale = long_side_length * 1.0 / max(oldh, oldw)
-        if max_scale is not None:
-            scale = min(scale, max_scale)
+        """(H, W) -> (new_h, new_w): longest side ``long_side_length`` (or kept / enlarged
+        only to ``min_side``, see :func:`input_scale`), sides >= 1."""
+        scale = input_scale(oldh, oldw, long_side_length, min_side)
         return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
     def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
         return self.get_preprocess_shape(
-            original_size[0], original_size[1], self.target_length, self.max_scale
+            original_size[0], original_size[1], self.target_length, self.min_side
         )
 
     def key(self) -> str:
-        """Cache-key part of the geometry: ``S<target>`` (and ``x<max_scale>`` if set)."""
-        return f"S{self.target_length}" + (
-            "" if self.max_scale is None else f"x{self.max_scale:g}"
-        )
+        """Cache-key part of the geometry: ``S<target>`` (and ``m<min_side>`` if set)."""
+        return f"S{self.target_length}" + ("" if self.min_side is None else f"m{self.min_side}")
 
     def apply_image(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 -> (new_h, new_w, 3) uint8."""
-        t = resize_to_input(image, self.target_length, self.max_scale)
+        t = resize_to_input(image, self.target_length, self.min_side)
         return t[0].permute(1, 2, 0).numpy()
 
     def apply_coords(self, coords: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
@@ -292,9 +293,20 @@ class ResizeLongestSide:
         return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
 
-def resize_to_input(rgb: np.ndarray, target_length: int, max_scale: float | None = None):
-    """Resize a (H, W, 3) uint8 slice to longest side ``target_length`` (up-sampling by at
-    most ``max_scale`` if given, see :class:`ResizeLongestSide`).
+def input_scale(h: int, w: int, target_length: int, min_side: int | None = None) -> float:
+    """Factor from an (H, W) slice to the model input: ``target_length / max(H, W)``
+    (SAM), or with ``min_side`` no enlarging beyond what brings the longest side to
+    ``min_side`` (slices at least that long keep their size up to ``target_length``)."""
+    long = max(h, w)
+    scale = target_length / long
+    if min_side is not None and long < target_length:
+        scale = min(scale, max(1.0, min_side / long))
+    return scale
+
+
+def resize_to_input(rgb: np.ndarray, target_length: int, min_side: int | None = None):
+    """Resize a (H, W, 3) uint8 slice to longest side ``target_length`` (or as
+    :func:`input_scale` says with ``min_side``, see :class:`ResizeLongestSide`).
 
     Returns a (1, 3, new_h, new_w) uint8 torch tensor (bilinear, antialiased when shrinking).
     """
@@ -304,7 +316,7 @@ def resize_to_input(rgb: np.ndarray, target_length: int, max_scale: float | None
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"resize_to_input needs (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")
     h, w = rgb.shape[:2]
-    size = ResizeLongestSide.get_preprocess_shape(h, w, target_length, max_scale)
+    size = ResizeLongestSide.get_preprocess_shape(h, w, target_length, min_side)
     t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]  # 1 x 3 x H x W
     if (h, w) == size:
         return t.contiguous()

@@ -630,26 +630,29 @@ def test_fast_decoder_can_be_switched_off(sam):
     _close(a[0], b[0])
 
 
-def test_max_upscale_pads_small_slices_instead_of_enlarging_them(sam):
-    """A model with ``max_upscale = 1`` (the nsam models) sees a small slice at its own pixel
-    size, padded; prompts and masks keep their meaning, larger slices shrink as before."""
-    sam.max_upscale = 1.0
+def test_input_min_side_keeps_small_slices_at_their_own_scale(sam):
+    """A model with ``input_min_side`` (the nsam models) sees a slice between that side and
+    its input size at its own pixel size, padded; tinier slices are enlarged only up to
+    ``input_min_side``; prompts and masks keep their meaning; larger slices shrink."""
+    sam.input_min_side = 64
     try:
         pred = SamPredictor(sam)
-        assert pred.transform.max_scale == 1.0
+        assert pred.transform.min_side == 64
         pred.set_image(_smooth_image(60, 100))
         assert pred.input_size == (60, 100)  # not (77, 128)
         xy = np.array([[50.0, 30.0]])
         np.testing.assert_allclose(pred.transform.apply_coords(xy, (60, 100)), xy)
         masks, _, low = pred.predict(xy, np.array([1]))
         assert masks.shape == (3, 60, 100) and low.shape == (3, 32, 32)
-        # the same slice enlarged by the plain predictor is another input: another result
+        # the cache key names the geometry: another rule is another input
         plain_key = SamPredictor(build_sam_from_parts(PatchEncoder())).signature(
             _smooth_image(60, 100)
         )
-        assert pred.signature(_smooth_image(60, 100)).split("|")[4] == "S128x1"
+        assert pred.signature(_smooth_image(60, 100)).split("|")[4] == "S128m64"
         assert plain_key.split("|")[4] == "S128"
+        pred.set_image(_smooth_image(20, 40))  # tiny: enlarged to the min side only
+        assert pred.input_size == (32, 64)
         pred.set_image(_smooth_image(300, 200))  # larger than the input: shrunk as before
         assert pred.input_size == (128, 85)
     finally:
-        del sam.max_upscale
+        del sam.input_min_side

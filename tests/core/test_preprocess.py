@@ -279,18 +279,21 @@ def official_transform():
     return import_official().utils.transforms.ResizeLongestSide
 
 
-def test_resize_longest_side_max_scale():
-    from napari_sam.preprocess import ResizeLongestSide, resize_to_input
+def test_resize_longest_side_min_side():
+    from napari_sam.preprocess import ResizeLongestSide, input_scale, resize_to_input
 
-    up = ResizeLongestSide(512)
-    capped = ResizeLongestSide(512, max_scale=1.0)
-    assert up.input_size((256, 128)) == (512, 256)
-    assert capped.input_size((256, 128)) == (256, 128)
-    assert capped.input_size((1024, 300)) == up.input_size((1024, 300)) == (512, 150)
-    assert ResizeLongestSide(512, max_scale=1.5).input_size((200, 100)) == (300, 150)
-    assert (up.key(), capped.key()) == ("S512", "S512x1")
-    rgb = np.zeros((40, 30, 3), np.uint8)
-    assert tuple(resize_to_input(rgb, 64, 1.0).shape) == (1, 3, 40, 30)
-    assert tuple(resize_to_input(rgb, 64).shape) == (1, 3, 64, 48)
-    with pytest.raises(ValueError, match="max_scale"):
-        ResizeLongestSide(512, max_scale=0)
+    sam = ResizeLongestSide(512)
+    nsam = ResizeLongestSide(512, min_side=256)
+    assert sam.input_size((256, 128)) == (512, 256)
+    assert nsam.input_size((256, 128)) == (256, 128)  # kept: between min_side and 512
+    assert nsam.input_size((400, 100)) == (400, 100)
+    assert nsam.input_size((64, 32)) == (256, 128)  # tiny: enlarged to min_side only
+    assert nsam.input_size((1024, 300)) == sam.input_size((1024, 300)) == (512, 150)
+    assert input_scale(61, 57, 512, 256) == 256 / 61
+    assert (sam.key(), nsam.key()) == ("S512", "S512m256")
+    rgb = np.zeros((300, 30, 3), np.uint8)
+    assert tuple(resize_to_input(rgb, 512, 256).shape) == (1, 3, 300, 30)
+    assert tuple(resize_to_input(rgb, 512).shape) == (1, 3, 512, 51)
+    assert ResizeLongestSide(96, min_side=256).min_side is None  # SAM's rule
+    with pytest.raises(ValueError, match="min_side"):
+        ResizeLongestSide(512, min_side=0)

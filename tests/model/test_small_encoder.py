@@ -158,5 +158,5 @@ def test_nsam_pads_small_slices_by_default():
 
     tiny = {"img_size": 64, "widths": [8, 8, 8, 8, 8], "depths": [0, 0, 0, 0, 0],
             "embed_dim": 32, "decoder_mlp_dim": 32, "iou_head_hidden_dim": 16}  # fmt: skip
-    assert build_nsam(tiny).max_upscale == 1.0
-    assert build_nsam({**tiny, "max_upscale": None}).max_upscale is None  # SAM's rule
+    assert build_nsam(tiny).input_min_side == 256
+    assert build_nsam({**tiny, "input_min_side": None}).input_min_side is None  # SAM's rule

@@ -238,12 +238,12 @@ def test_evaluation_through_a_larger_frame(tmp_path):
 
 def test_array_source_crops_keep_the_predictors_pixel_scale():
     """frame mode: images at the predictor's scale (here 1:1, a 200 px image in a 512
-    frame with max_upscale 1), random canvas crops that always hold an object."""
+    frame with min_side 128), random canvas crops that always hold an object."""
     lab = np.zeros((200, 150), np.int32)
     lab[20:40, 30:50] = 1  # 400 px
     lab[150:190, 100:140] = 2  # 1600 px
     img = (lab > 0).astype(np.float32) * 200 + 20
-    src = L.ArraySource([img], [lab], canvas=64, frame=512, max_upscale=1.0)
+    src = L.ArraySource([img], [lab], canvas=64, frame=512, min_side=128)
     rng = np.random.default_rng(0)
     areas = set()
     for _ in range(20):
@@ -252,6 +252,6 @@ def test_array_source_crops_keep_the_predictors_pixel_scale():
         assert all(m.shape == (64, 64) and m.any() for m in s.masks)
         areas |= {int(m.sum()) for m in s.masks}
     assert {400, 1600} <= areas  # whole objects at their own size (no resizing)
-    # without max_upscale the image is enlarged to the frame first (x 2.56): larger objects
+    # without min_side the image is enlarged to the frame first (x 2.56): larger objects
     big = L.ArraySource([img], [lab], canvas=64, frame=512)
     assert max(int(m.sum()) for _ in range(10) for m in big.sample(rng).masks) > 1600

@@ -51,9 +51,11 @@ NSAM_S: dict = {
     "render_box": 4.0,
     "render_point": 8.0,
     "render_sigma": 1.5,
-    # inference: slices smaller than img_size are padded, not up-sampled (the model is
-    # trained at native pixel scale; enlarging made its single-click masks much too small)
-    "max_upscale": 1.0,
+    # inference: slices shorter than img_size are enlarged only up to this longest side,
+    # then padded (the model is trained at native pixel scale: blowing 256 px images up to
+    # 512 made its single-click masks far too small; tiny slices still gain from some
+    # enlarging; see docs/models.md)
+    "input_min_side": 256,
 }
 
 
@@ -331,7 +333,7 @@ def build_nsam(config: Mapping | None = None, checkpoint=None, parts=None):
     )
     model = parts.Sam(encoder, prompt_encoder, decoder)
     model.nsam_config = cfg
-    model.max_upscale = cfg["max_upscale"]
+    model.input_min_side = cfg["input_min_side"]
     if checkpoint is not None:
         if isinstance(checkpoint, Mapping):
             state = checkpoint

@@ -219,8 +219,8 @@ class ArraySource:
     """Training images from arrays (fine-tuning on annotations): cycles in random order.
 
     Default: each image is resized to ``canvas`` (longest side) once. With ``frame``, each
-    image is first brought to the scale the predictor uses (longest side -> ``frame``,
-    enlarged by at most ``max_upscale``) and every sample is a random ``canvas`` x
+    image is first brought to the scale the predictor uses
+    (:func:`napari_sam.preprocess.input_scale` with ``frame`` and ``min_side``) and every sample is a random ``canvas`` x
     ``canvas`` crop of it (padded where smaller): objects keep the pixel size they have at
     inference while the training frame stays small (use with ``pe_reference = frame``).
     """
@@ -231,7 +231,7 @@ class ArraySource:
         labels: Sequence,
         canvas: int,
         frame: int | None = None,
-        max_upscale: float | None = None,
+        min_side: int | None = None,
         min_area: int = 8,
     ):
         if len(images) != len(labels) or not images:
@@ -242,15 +242,15 @@ class ArraySource:
             if frame is None:
                 s = to_canvas(im, lab, canvas)
             else:
+                from napari_sam.preprocess import input_scale
+
                 lab = np.asarray(lab)
                 h, w = lab.shape
                 # the predictor's geometry, without padding to the square frame
-                side = frame / max(h, w)
-                if max_upscale is not None:
-                    side = min(side, max_upscale)
-                long = max(1, round(max(h, w) * side))
-                s = to_canvas(im, lab, long, min_area=min_area, max_upscale=max_upscale)
-                s.labels = _crop_labels(s, lab, long, max_upscale)
+                scale = input_scale(h, w, frame, min_side)
+                long = max(1, round(max(h, w) * scale))
+                s = to_canvas(im, lab, long, min_area=min_area, max_upscale=scale)
+                s.labels = _crop_labels(s, lab, long, scale)
             s.key = i
             if s.masks:
                 self.samples.append(s)
@@ -283,7 +283,7 @@ class ArraySource:
         return Sample(np.ascontiguousarray(img), masks, (s.key, y0, x0))
 
 
-def _crop_labels(sample: Sample, labels: np.ndarray, long: int, max_upscale) -> np.ndarray:
+def _crop_labels(sample: Sample, labels: np.ndarray, long: int, max_upscale: float) -> np.ndarray:
     """The label image of ``sample`` (resized like its image, padded to ``long``)."""
     h, w = labels.shape
     s = long / max(h, w)

@@ -81,7 +81,7 @@ RECIPES["nsam_s_long"] = [
 # step 2000 of its 9000-step schedule (its best weights: step 1500). Then measurements
 # showed that the model segments far better at native pixel scale than from enlarged
 # images (held-out 256 px images padded instead of up-sampled to 512: single click 0.38 ->
-# 0.54), so the predictor now pads small slices for nsam models (max_upscale) and phase 3
+# 0.54), so the predictor now pads small slices for nsam models (input_min_side) and phase 3
 # trains and selects weights for that: images only shrunk or native (resample 0.5-1),
 # evaluation on 256 px images padded into the 512 frame (the benchmark's protocol).
 RECIPES["nsam_s2"] = [
