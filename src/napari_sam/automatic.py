@@ -10,8 +10,10 @@ Speed (a 32 x 32 grid is 1024 decoder runs; see docs/performance.md):
 
 - the decoder runs through :class:`~napari_sam._point_decoder.PointDecoder`, which does
   the prompt-independent work once per image and skips the mask upsampling of outputs
-  whose predicted IoU already fails;
-- filtering (stability, area, boxes, NMS) happens on the decoder's 256 x 256 logits; only
+  whose predicted IoU already fails; for models that render points into the dense prompt
+  (nsam) it renders each point only in a window around it (exact);
+- filtering (stability, area, boxes, NMS) happens on the decoder's 256 x 256 logits (boxes
+  and areas of kept masks are computed once, not at every NMS round); only
   the kept masks are upsampled, each inside its own bounding window, with the same
   composite bilinear resize as ``Sam.postprocess_masks``;
 - with ``skip_covered_points`` (default on) the grid is visited coarse to fine (every 4th
