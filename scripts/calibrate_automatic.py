@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 KINDS = ("nuclei", "cells", "mixed")
-IOU = (0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.88)
-STABILITY = (0.5, 0.7, 0.85, 0.95)
+IOU = (0.2, 0.3, 0.45, 0.6, 0.75, 0.88)
+STABILITY = (0.6, 0.75, 0.9)
 
 
 def main(argv=None) -> int:
@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=3, help="scenes per kind")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write", action="store_true", help="store the best pair in the JSON")
+    ap.add_argument("--iou", type=float, nargs="+", default=IOU, help="pred_iou_thresh grid")
+    ap.add_argument(
+        "--stability", type=float, nargs="+", default=STABILITY, help="stability grid"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     predictor = SamPredictor(load_nsam(args.weights))
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
     ]
     t0 = time.perf_counter()
     rows = []
-    for iou, stab in itertools.product(IOU, STABILITY):
+    for iou, stab in itertools.product(args.iou, args.stability):
         params = AutomaticParams(pred_iou_thresh=iou, stability_score_thresh=stab)
         f1 = []
         for img, gt in scenes:  # the embedding is cached after the first pair

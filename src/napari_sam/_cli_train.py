@@ -17,7 +17,7 @@ from pathlib import Path
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (checkpoints, log)")
-    p.add_argument("--recipe", help="run a named recipe (e.g. nsam_s, the default model)")
+    p.add_argument("--recipe", help="run a named recipe (e.g. nsam_s2, the default model)")
     p.add_argument("--steps", type=int, help="length of the learning-rate schedule")
     p.add_argument("--stop-at", type=int, help="stop this run at this step")
     p.add_argument("--canvas", type=int, help="training frame side in pixels (multiple of 32)")

@@ -265,6 +265,7 @@ def test_instance_f1_on_synthetic_scenes_with_default_model():
     for img, gt in scenes:
         lab = segment_slice(predictor, img)  # the model's recommended thresholds
         f1.append(instance_scores(gt, lab)["f1"])
+    # measured with the session-3 default model and its thresholds (0.45 / 0.75): 0.67, 0.65
     assert np.mean(f1) > 0.5, f1
 
 

@@ -293,6 +293,9 @@ def build_nsam(config: Mapping | None = None, checkpoint=None, parts=None):
     """
     cfg = dict(NSAM_S)
     if config:
+        # "max_upscale": an interim name of the inference geometry, stored in training
+        # checkpoints of session 3; input_min_side replaced it (same weights)
+        config = {k: v for k, v in config.items() if k != "max_upscale"}
         unknown = set(config) - set(NSAM_S)
         if unknown:
             raise ValueError(f"unknown nsam config keys: {sorted(unknown)}")

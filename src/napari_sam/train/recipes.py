@@ -9,8 +9,9 @@ NAME --out DIR`` runs (or resumes) all phases; see docs/models.md.
 from __future__ import annotations
 
 RECIPES: dict[str, list[dict]] = {
-    # The embedded default model (model_type "nsam_s"), trained from scratch on
-    # napari_sam.train.synthetic images only, CPU, 1 thread.
+    # The first embedded default model (sessions 1-2; model_type "nsam_s"), trained from
+    # scratch on napari_sam.train.synthetic images only, CPU, 1 thread. Phases 0-1 of the
+    # current default's recipe, nsam_s2 (below).
     "nsam_s": [
         {
             "canvas": 160,
