@@ -47,9 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write", action="store_true", help="store the best pair in the JSON")
     ap.add_argument("--iou", type=float, nargs="+", default=IOU, help="pred_iou_thresh grid")
-    ap.add_argument(
-        "--stability", type=float, nargs="+", default=STABILITY, help="stability grid"
-    )
+    ap.add_argument("--stability", type=float, nargs="+", default=STABILITY, help="stability grid")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     predictor = SamPredictor(load_nsam(args.weights))
