@@ -282,3 +282,21 @@ def test_object_id_picks_a_hand_painted_object(open_widget, qtbot, models):
     np.testing.assert_array_equal(data[6] == 5, gt[6])
     assert np.delete(data == 5, 6, axis=0).any()
     assert "object 5" in w.status_text
+
+
+def test_a_finished_session_is_freed(open_widget, qtbot, models):
+    """After a precompute and the session's end, no finished worker (its signal slots or
+    its function's closure) keeps the old annotator, its stores and embeddings alive."""
+    import gc
+    import weakref
+
+    img, _ = stack(6)
+    viewer, w = open_stack(open_widget, qtbot, img, 2)
+    w.precompute_button.click()
+    wait_idle(qtbot, w, timeout=120_000)
+    assert w.status_text.startswith("precompute done")
+    old = weakref.ref(w.annotator)
+    w._teardown()
+    qtbot.wait(100)
+    gc.collect()
+    assert old() is None

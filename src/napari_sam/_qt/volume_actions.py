@@ -468,7 +468,12 @@ class VolumeActions:
             )
 
     def _on_precompute_end(self, ann, store, counts, cancel) -> None:
+        worker = self._precompute[0] if self._precompute is not None else None
         self._precompute = None
+        if worker is not None:  # its slots hold this session's annotator and store
+            from .workers import _disconnect_all
+
+            _disconnect_all(worker)
         if self._closed():
             return
         self._update_volume_buttons()

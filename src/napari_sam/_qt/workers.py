@@ -99,16 +99,21 @@ class LatestWins:
 
         from napari.qt.threading import create_worker
 
+        held = [work]  # taken when run: a finished worker object keeps no session alive
+
         def guarded():
             # napari relays worker exceptions to its notification manager as tracebacks;
             # bad input must end in the widget's message instead, so errors come back as
             # values.
+            fn = held.pop()
             try:
                 if self.executor is not None:
-                    return True, self.executor.submit(work).result()
-                return True, work()
+                    return True, self.executor.submit(fn).result()
+                return True, fn()
             except Exception as e:  # noqa: BLE001
                 return False, e
+            finally:
+                del fn
 
         def returned(outcome):
             ok, value = outcome
@@ -135,6 +140,8 @@ class LatestWins:
 
     def _finished(self) -> None:
         self._running = False
+        if self._worker is not None:  # its slots hold the job (and so the session)
+            _disconnect_all(self._worker)
         self._worker = None
         self._next()
 
@@ -142,3 +149,15 @@ class LatestWins:
         if self._pending is not None and not self.closed:
             job, self._pending = self._pending, None
             self._start(job)
+
+
+def _disconnect_all(worker) -> None:
+    """Drop a finished napari worker's signal connections, so that the callbacks (and the
+    sessions they hold) can be freed even while Qt keeps the worker object."""
+    import contextlib
+
+    for name in ("returned", "finished", "yielded", "errored", "started", "aborted"):
+        signal = getattr(worker, name, None)
+        if signal is not None:
+            with contextlib.suppress(TypeError, RuntimeError):
+                signal.disconnect()
