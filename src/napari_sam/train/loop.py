@@ -183,7 +183,7 @@ def to_canvas(
     lab[:nh, :nw] = labels
     ids, counts = np.unique(lab, return_counts=True)
     masks = [lab == i for i, c in zip(ids, counts, strict=True) if i != 0 and c >= min_area]
-    return Sample(out[0].numpy(), masks)
+    return Sample(out[0].numpy(), masks, labels=lab)
 
 
 class SyntheticSource:
@@ -250,7 +250,6 @@ class ArraySource:
                 scale = input_scale(h, w, frame, min_side)
                 long = max(1, round(max(h, w) * scale))
                 s = to_canvas(im, lab, long, min_area=min_area, max_upscale=scale)
-                s.labels = _crop_labels(s, lab, long, scale)
             s.key = i
             if s.masks:
                 self.samples.append(s)
@@ -281,20 +280,6 @@ class ArraySource:
         if not masks:  # only a sliver of the chosen object is inside: train on it anyway
             masks = [cl == lab[y, x]]
         return Sample(np.ascontiguousarray(img), masks, (s.key, y0, x0))
-
-
-def _crop_labels(sample: Sample, labels: np.ndarray, long: int, max_upscale: float) -> np.ndarray:
-    """The label image of ``sample`` (resized like its image, padded to ``long``)."""
-    h, w = labels.shape
-    s = long / max(h, w)
-    if max_upscale is not None:
-        s = min(s, max_upscale)
-    nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    idx_y = np.minimum((np.arange(nh) + 0.5) / s, h - 1).astype(int)
-    idx_x = np.minimum((np.arange(nw) + 0.5) / s, w - 1).astype(int)
-    out = np.zeros(sample.image.shape[1:], labels.dtype)
-    out[:nh, :nw] = labels[idx_y][:, idx_x]
-    return out
 
 
 def eval_set(cfg: TrainConfig, n: int | None = None) -> list[Sample]:
