@@ -56,6 +56,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import partial
 
 import numpy as np
 
@@ -810,11 +811,35 @@ class Annotator:
             dtype=bool,
         )
 
-    def commit(self, label_id: int | None = None, overlap: str | None = None) -> ObjectRecord:
+    def full_mask_job(self):
+        """For committing reduced candidates off the UI thread: ``(token, work)``.
+
+        ``work()`` (torch, no state change; may run in a worker thread) returns the
+        selected candidate at full resolution; pass it to :meth:`commit` as ``mask`` with
+        ``token``, which refuses it if the candidates or the selection changed meanwhile.
+        None when the candidates are missing, out of date or already at full resolution.
+        """
+        cands = self.candidates
+        if cands is None or not cands.reduced or not self.up_to_date:
+            return None
+        sel = self.selected
+        token = (cands, sel)
+        return token, partial(self.candidate_mask, sel)
+
+    def commit(
+        self,
+        label_id: int | None = None,
+        overlap: str | None = None,
+        *,
+        mask: np.ndarray | None = None,
+        token=None,
+    ) -> ObjectRecord:
         """Write the selected candidate into :attr:`labels`; see the module docstring.
 
         Brings the candidates up to date first (a synchronous decoder call if a worker has
         not delivered yet). Raises ``ValueError`` when there is nothing to commit.
+        ``mask``/``token``: the full-resolution mask from :meth:`full_mask_job` (computed
+        elsewhere); ``ValueError`` if it no longer belongs to the selected candidate.
         """
         overlap = _check_overlap(overlap or self.overlap)
         if self.prompts.is_empty:
@@ -823,12 +848,24 @@ class Annotator:
             raise ValueError(
                 "the embedding of this slice is still being computed; commit when it is ready"
             )
+        if mask is not None and (
+            token is None or token[0] is not self._candidates or token[1] != self.selected
+        ):
+            raise ValueError(
+                "the candidates or the selection changed while the mask was computed; commit again"
+            )
         cands = self.update()
         sel = self.selected
         new_id = self._next_id if label_id is None else _check_id(label_id, self.labels.dtype)
         if label_id is None:
             _check_id(new_id, self.labels.dtype)
-        mask = self.candidate_mask(sel)
+        if mask is None:
+            mask = self.candidate_mask(sel)
+        else:
+            mask = np.asarray(mask, dtype=bool)
+            want = plane_shape(self.shape, self._key)
+            if mask.shape != tuple(want):
+                raise ValueError(f"mask has shape {mask.shape}, the plane is {tuple(want)}")
         view = self.labels[plane_index(self._key)]
         target = mask & (view != new_id)
         if overlap == "keep":

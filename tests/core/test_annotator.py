@@ -326,6 +326,42 @@ def test_capped_session_commits_exactly_the_uncapped_labels(model, shape, key, c
     assert capped.replay(rec).shape == plane
 
 
+def test_full_mask_job_commits_reduced_candidates_computed_elsewhere(model):
+    """full_mask_job gives the work for a worker thread; commit(mask=, token=) writes the
+    same labels as a plain commit, and refuses a mask whose candidate is no longer the
+    selected one."""
+    img = blob_image((96, 128), centers=((30, 30, 14), (60, 40, 10)))
+    out = []
+    for use_job in (True, False):
+        ann = Annotator(make_predictor(model), img, display_max_side=32)
+        ann.add_point((30, 30))
+        ann.update()
+        assert ann.candidates.reduced
+        if use_job:
+            token, work = ann.full_mask_job()
+            mask = work()
+            assert mask.shape == (96, 128) and mask.dtype == bool
+            ann.select((ann.selected + 1) % 3)  # the selection changes meanwhile
+            with pytest.raises(ValueError, match="changed while the mask was computed"):
+                ann.commit(mask=mask, token=token)
+            assert not ann.labels.any() and ann.candidates is not None
+            token, work = ann.full_mask_job()
+            with pytest.raises(ValueError, match="plane is"):
+                ann.commit(mask=work()[:-1], token=token)
+            rec = ann.commit(mask=work(), token=token)
+        else:
+            ann.select((ann.selected + 1) % 3)
+            rec = ann.commit()
+        out.append((rec.candidate, rec.n_pixels, ann.labels.copy()))
+    assert out[0][:2] == out[1][:2] and out[0][1] > 0
+    np.testing.assert_array_equal(out[0][2], out[1][2])
+    # nothing to do off the UI thread at full resolution
+    full = Annotator(make_predictor(model), img)
+    full.add_point((30, 30))
+    full.update()
+    assert full.full_mask_job() is None
+
+
 def test_display_size_default_and_settings(model):
     img = blob_image((2000, 100), centers=((1000, 50, 30),))
     ann = Annotator(make_predictor(model), img)  # default display_max_side

@@ -436,7 +436,12 @@ def test_capped_candidates_overlay_the_image_and_commit_full_resolution(
                 )
         else:
             assert cands.masks.shape == (3, 96, 128)
+        before = np.array(w.objects_layer.data)
         w.commit()
+        if cap == "32":
+            # the full-resolution mask is computed on the torch thread: nothing is written
+            # before the worker delivers
+            assert not w.is_idle() and np.array_equal(w.objects_layer.data, before)
         wait_idle(qtbot, w)
         labels = np.array(w.objects_layer.data)
         assert labels.shape == shape and labels.any(), (cap, w.status_text)

@@ -857,9 +857,35 @@ class SamWidget(VolumeActions, QWidget):
         if self._recovery_blocks_commit():
             self._after_commit(False)
             return
+        job = ann.full_mask_job()
+        if job is not None:
+            # candidates shown at a reduced size (large planes): the full-resolution mask
+            # is a torch upsampling of the logits (~0.3 s at 4096 x 4096), so it runs on
+            # the torch thread and the commit follows on the Qt thread
+            token, work = job
+            self._set_status("committing (full-resolution mask)...")
+            self._decoder_jobs.submit(
+                lambda: work,
+                partial(self._commit_full_mask, ann, token),
+                self._on_worker_error,
+            )
+            return
+        self._commit_now(ann)
+
+    def _commit_full_mask(self, ann, token, mask):
+        if ann is not self.annotator:
+            return
+        self._commit_now(ann, mask=mask, token=token)
+
+    def _commit_now(self, ann, mask=None, token=None):
         label_id = self.label_id.value() or None
         try:
-            record = ann.commit(label_id=label_id, overlap=self.overlap_combo.currentData())
+            record = ann.commit(
+                label_id=label_id,
+                overlap=self.overlap_combo.currentData(),
+                mask=mask,
+                token=token,
+            )
         except (ValueError, TypeError) as e:
             self._set_status(str(e))
             self._after_commit(False)
