@@ -115,6 +115,8 @@ def supports_fast_path(mask_decoder: nn.Module) -> bool:
     """True when ``mask_decoder`` has SAM's MaskDecoder / TwoWayTransformer structure."""
     if not all(hasattr(mask_decoder, a) for a in _DECODER_ATTRS):
         return False
+    if getattr(mask_decoder, "hires_chans", 0):  # the skip runs in the module's own path
+        return False
     tr = mask_decoder.transformer
     if not all(hasattr(tr, a) for a in ("layers", "final_attn_token_to_image", "norm_final_attn")):
         return False
@@ -314,8 +316,12 @@ def prepare(
     no_mask_dense: Tensor,
     mask_decoder: nn.Module | None = None,
 ) -> Prepared:
-    """Precompute the image-side tensors of the first decoder block (no mask prompt)."""
-    tokens = image_embeddings.flatten(2).transpose(1, 2).contiguous()
+    """Precompute the image-side tensors of the first decoder block (no mask prompt).
+
+    ``image_embeddings`` may carry more channels than the decoder's width (a decoder with
+    ``hires_chans``); the tokens are made of the first ``no_mask_dense.shape[1]``."""
+    c = no_mask_dense.shape[1]
+    tokens = image_embeddings[:, :c].flatten(2).transpose(1, 2).contiguous()
     keys = tokens + no_mask_dense.flatten(2).transpose(1, 2)
     key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
     keys_pe = keys + key_pe

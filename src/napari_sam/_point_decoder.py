@@ -105,6 +105,8 @@ class _FastPath:
     """Weights of the standard decoder, laid out for prompt-independent precomputation."""
 
     def __init__(self, decoder: nn.Module, dtype: torch.dtype):
+        if getattr(decoder, "hires_chans", 0):
+            raise TypeError("decoders with a high-resolution skip use the module path")
         tr = decoder.transformer
         up = decoder.output_upscaling
         conv1, norm, act1, conv2, act2 = (up[i] for i in range(5))
@@ -421,7 +423,8 @@ class PointDecoder:
         pe = self.model.prompt_encoder
         _, dense = pe(points=None, boxes=None, masks=None)  # (1, C, h, w) no-mask embedding
         self._dense = dense
-        self._src = features.to(self.device) + dense
+        # (a decoder with a high-resolution skip gets more channels than its width)
+        self._src = features[:, : dense.shape[1]].to(self.device) + dense
         self._pe = pe.get_dense_pe()
         self._features = features.to(self.device)
         self._pre = self._fast.precompute(self._src, self._pe) if self._fast else None

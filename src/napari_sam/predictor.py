@@ -298,7 +298,8 @@ class SamPredictor:
         if not isinstance(embedding, Embedding):
             raise TypeError(f"set_embedding needs an Embedding, got {type(embedding).__name__}")
         pe = self.model.prompt_encoder
-        want = (1, int(pe.embed_dim), *map(int, pe.image_embedding_size))
+        chans = getattr(self.model.image_encoder, "out_chans", pe.embed_dim)
+        want = (1, int(chans), *map(int, pe.image_embedding_size))
         if tuple(embedding.features.shape) != want:
             raise ValueError(
                 f"embedding features have shape {tuple(embedding.features.shape)}, this model "

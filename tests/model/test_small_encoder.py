@@ -160,3 +160,66 @@ def test_nsam_pads_small_slices_by_default():
             "embed_dim": 32, "decoder_mlp_dim": 32, "iou_head_hidden_dim": 16}  # fmt: skip
     assert build_nsam(tiny).input_min_side == 256
     assert build_nsam({**tiny, "input_min_side": None}).input_min_side is None  # SAM's rule
+
+
+# ------------------------------------------------------------------ high-resolution skip
+
+
+def _hires_pair():
+    torch.manual_seed(3)
+    base = build_nsam(TINY)
+    hq = build_nsam({**TINY, "hires_chans": 2}, checkpoint=base.state_dict(), new_hires=True)
+    return base, hq
+
+
+def test_hires_skip_starts_equal_to_the_model_it_was_added_to():
+    from napari_sam.predictor import SamPredictor
+
+    base, hq = _hires_pair()
+    assert hq.image_encoder.out_chans == 32 + 16 * 2
+    assert hq.image_encoder(torch.randn(1, 3, 64, 64)).shape == (1, 64, 8, 8)
+    # weights without the skip load into a skip model only when asked to
+    with pytest.raises(RuntimeError, match="Missing key"):
+        build_nsam({**TINY, "hires_chans": 2}, checkpoint=base.state_dict())
+    img = np.random.default_rng(0).integers(0, 255, (60, 50), dtype=np.uint8)
+    prompts = [
+        {"point_coords": np.array([[20.0, 30.0]]), "point_labels": np.array([1])},
+        {"box": np.array([5.0, 8.0, 40.0, 50.0]), "multimask_output": False},
+    ]
+    for kw in prompts:
+        outs = []
+        for model in (base, hq):
+            p = SamPredictor(model)
+            p.set_image(img)
+            outs.append(p.predict(return_logits=True, **kw))
+        np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5)
+        np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-6)
+
+
+def test_hires_skip_adds_image_detail_in_every_decoder_path():
+    """With a non-zero projection the masks change, and the predictor, the batched point
+    decoder (automatic segmentation) and the decoder module agree."""
+    from napari_sam._point_decoder import PointDecoder
+    from napari_sam.predictor import SamPredictor
+
+    base, hq = _hires_pair()
+    with torch.no_grad():
+        for p in hq.mask_decoder.hires_proj.parameters():
+            p.normal_(0, 0.5)
+    img = np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8)
+    xy = np.array([[30.0, 20.0]])
+    logits = []
+    for model in (base, hq):
+        p = SamPredictor(model)
+        p.set_image(img)
+        logits.append(p.predict(point_coords=xy, point_labels=np.array([1]), return_logits=True))
+    assert np.abs(logits[0][0] - logits[1][0]).max() > 0.1
+    p = SamPredictor(hq)
+    p.set_image(img)
+    emb = p.get_embedding().features
+    dec = PointDecoder(hq, precision="float32")
+    assert not dec.uses_fast_path
+    dec.set_embedding(emb)
+    out = dec.decode(torch.tensor(xy, dtype=torch.float32))
+    np.testing.assert_allclose(out.iou_predictions[0].numpy(), logits[1][1], atol=1e-5)
+    np.testing.assert_allclose(out.logits.numpy(), logits[1][2].reshape(3, 32, 32), atol=1e-4)

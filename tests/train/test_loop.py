@@ -255,3 +255,22 @@ def test_array_source_crops_keep_the_predictors_pixel_scale():
     # without min_side the image is enlarged to the frame first (x 2.56): larger objects
     big = L.ArraySource([img], [lab], canvas=64, frame=512)
     assert max(int(m.sum()) for _ in range(10) for m in big.sample(rng).masks) > 1600
+
+
+def test_training_a_high_resolution_skip_added_to_trained_weights(tmp_path):
+    """A skip added to existing weights starts at zero and is trained by the loop."""
+    first = _cfg(tmp_path, steps=4, max_rounds=0)
+    L.train(first)
+    cfg = _cfg(
+        tmp_path,
+        out_dir=str(tmp_path / "hq"),
+        model={**TINY, "hires_chans": 2},
+        init=str(tmp_path / "run" / "last.pt"),
+        steps=4,
+        max_rounds=0,
+    )
+    start = L.build_model(cfg)
+    assert float(start.mask_decoder.hires_proj[2].weight.detach().abs().sum()) == 0.0
+    model, _ = L.train(cfg)
+    assert float(model.mask_decoder.hires_proj[2].weight.detach().abs().sum()) > 0.0
+    assert not torch.equal(start.image_encoder.hires.weight, model.image_encoder.hires.weight)

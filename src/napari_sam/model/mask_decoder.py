@@ -17,6 +17,7 @@ masks ``B x M x 4h x 4w`` with M = 3 (multimask) or 1, IoU ``B x M``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d
@@ -32,6 +33,11 @@ class MaskDecoder(nn.Module):
         activation: activation in the upscaling path.
         iou_head_depth: layers of the IoU-prediction MLP.
         iou_head_hidden_dim: hidden width of the IoU-prediction MLP.
+        hires_chans: 0 (SAM). N > 0: the image embedding carries ``16 N`` more channels
+            after the first ``transformer_dim``: stride-2 image features folded 4 x 4 into
+            the embedding grid (``SmallEncoder(hires_chans=N)``); ``hires_proj`` (its last
+            layer zero-initialised) maps them to the up-scaled features, which they are
+            added to (an HQ-SAM-style skip; not in SAM's checkpoints).
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class MaskDecoder(nn.Module):
         activation: type[nn.Module] = nn.GELU,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        hires_chans: int = 0,
     ) -> None:
         super().__init__()
         self.transformer_dim = transformer_dim
@@ -67,6 +74,25 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(
             c, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth
         )
+        self.hires_chans = int(hires_chans)
+        if self.hires_chans:
+            self.hires_proj = nn.Sequential(
+                nn.Conv2d(self.hires_chans, c // 8, 3, padding=1),
+                activation(),
+                nn.Conv2d(c // 8, c // 8, 1),
+            )
+            nn.init.zeros_(self.hires_proj[2].weight)
+            nn.init.zeros_(self.hires_proj[2].bias)
+
+    def hires_features(self, image_embeddings: torch.Tensor):
+        """``(embedding, skip)``: the first ``transformer_dim`` channels, and the
+        high-resolution term added to the up-scaled features ((B, C/8, 4h, 4w); None
+        without ``hires_chans``)."""
+        if not self.hires_chans:
+            return image_embeddings, None
+        c = self.transformer_dim
+        hi = F.pixel_shuffle(image_embeddings[:, c:], 4)
+        return image_embeddings[:, :c], self.hires_proj(hi)
 
     def forward(
         self,
@@ -104,6 +130,7 @@ class MaskDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks (B, T, 4h, 4w) and IoU scores (B, T)."""
         bs = sparse_prompt_embeddings.shape[0]
+        image_embeddings, skip = self.hires_features(image_embeddings)
         if image_embeddings.shape[0] not in (1, bs):
             raise ValueError(
                 f"image_embeddings batch ({image_embeddings.shape[0]}) must be 1 or match the "
@@ -123,6 +150,8 @@ class MaskDecoder(nn.Module):
 
         src = src.transpose(1, 2).reshape(b, c, h, w)
         upscaled = self.output_upscaling(src)  # B x C/8 x 4h x 4w
+        if skip is not None:
+            upscaled = upscaled + skip
         hyper_in = torch.stack(
             [
                 mlp(mask_tokens_out[:, i, :])

@@ -56,6 +56,13 @@ NSAM_S: dict = {
     # 512 made its single-click masks far too small; tiny slices still gain from some
     # enlarging; see docs/models.md)
     "input_min_side": 256,
+    # 0: off (the shipped weights). N > 0: an HQ-SAM-style high-resolution skip. The
+    # encoder also emits N channels of stride-2 features, folded into the stride-8 grid
+    # (pixel_unshuffle by 4: 16 N extra embedding channels after the first embed_dim), and
+    # the decoder adds a projection of them (zero-initialised, so a model warm-started from
+    # weights without the skip starts out identical) to its up-scaled image features, which
+    # gives the masks the image's own edges at the output's resolution.
+    "hires_chans": 0,
 }
 
 
@@ -116,6 +123,7 @@ class SmallEncoder(nn.Module):
         widths=(24, 32, 64, 128, 256),
         depths=(0, 1, 2, 2, 2),
         embed_dim: int = 128,
+        hires_chans: int = 0,
     ) -> None:
         super().__init__()
         if img_size % 32:
@@ -124,6 +132,9 @@ class SmallEncoder(nn.Module):
             raise ValueError("widths and depths need 5 entries (strides 2, 4, 8, 16, 32)")
         self.img_size = img_size
         self.embed_dim = embed_dim
+        self.hires_chans = int(hires_chans)
+        #: channels of the output: the embedding proper, then 16 * hires_chans of the skip
+        self.out_chans = embed_dim + 16 * self.hires_chans
         stages = []
         cin = in_chans
         for w, d in zip(widths, depths, strict=True):
@@ -146,6 +157,8 @@ class SmallEncoder(nn.Module):
             nn.Conv2d(embed_dim, embed_dim, 1, bias=False),
             LayerNorm2d(embed_dim),
         )
+        if self.hires_chans:
+            self.hires = nn.Conv2d(widths[0], self.hires_chans, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = []
@@ -156,7 +169,10 @@ class SmallEncoder(nn.Module):
         y = self.lat16(f16) + F.interpolate(self.lat32(f32), size=f16.shape[-2:], mode="nearest")
         y = f8 + F.interpolate(y, size=f8.shape[-2:], mode="bilinear", align_corners=False)
         y = y + self.skip4(F.pixel_unshuffle(f4, 2))
-        return self.neck(self.fuse(y))
+        emb = self.neck(self.fuse(y))
+        if not self.hires_chans:
+            return emb
+        return torch.cat([emb, F.pixel_unshuffle(self.hires(feats[0]), 4)], 1)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -278,7 +294,12 @@ def default_parts() -> SimpleNamespace:
     )
 
 
-def build_nsam(config: Mapping | None = None, checkpoint=None, parts=None):
+_HIRES_KEYS = ("image_encoder.hires.", "mask_decoder.hires_proj.")
+
+
+def build_nsam(
+    config: Mapping | None = None, checkpoint=None, parts=None, new_hires: bool = False
+):
     """Build the project's small SAM from a config dict (default :data:`NSAM_S`).
 
     Args:
@@ -287,6 +308,10 @@ def build_nsam(config: Mapping | None = None, checkpoint=None, parts=None):
             Float16 weights are converted to float32. Loaded with ``strict=True``.
         parts: namespace with PromptEncoder, MaskDecoder, TwoWayTransformer, Sam classes
             (default: :func:`default_parts`).
+        new_hires: the checkpoint may lack the high-resolution skip's weights
+            (``hires_chans`` > 0 warm-started from weights without it); they keep their
+            initialisation (the decoder's projection is zero: the model starts out equal to
+            the checkpoint's).
 
     Returns:
         ``Sam`` in eval mode; ``model.nsam_config`` holds the full config.
@@ -308,6 +333,7 @@ def build_nsam(config: Mapping | None = None, checkpoint=None, parts=None):
         widths=tuple(cfg["widths"]),
         depths=tuple(cfg["depths"]),
         embed_dim=cfg["embed_dim"],
+        hires_chans=int(cfg["hires_chans"]),
     )
     dim = int(cfg["embed_dim"])
     pe_cls = _rendering_class(parts.PromptEncoder)
@@ -322,7 +348,9 @@ def build_nsam(config: Mapping | None = None, checkpoint=None, parts=None):
     prompt_encoder.render_sigma = float(cfg["render_sigma"])
     with torch.no_grad():
         prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.mul_(float(cfg["pe_scale"]))
+    hires = {"hires_chans": int(cfg["hires_chans"])} if cfg["hires_chans"] else {}
     decoder = parts.MaskDecoder(
+        **hires,
         transformer_dim=dim,
         transformer=parts.TwoWayTransformer(
             depth=cfg["decoder_depth"],
@@ -343,6 +371,9 @@ def build_nsam(config: Mapping | None = None, checkpoint=None, parts=None):
         else:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        if new_hires:
+            own = model.state_dict()
+            state = {**{k: v for k, v in own.items() if k.startswith(_HIRES_KEYS)}, **state}
         model.load_state_dict(state, strict=True)
     return model.eval()
 

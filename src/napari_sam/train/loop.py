@@ -319,7 +319,9 @@ def build_model(cfg: TrainConfig):
     if cfg.init:
         ck = load_checkpoint(cfg.init)
         init = ck.get("model", ck)  # training checkpoint or plain state_dict
-    model = build_nsam(cfg.model, checkpoint=init)
+    # a high-resolution skip may be added to weights trained without it
+    new_hires = bool((cfg.model or {}).get("hires_chans")) and init is not None
+    model = build_nsam(cfg.model, checkpoint=init, new_hires=new_hires)
     set_canvas(model, cfg.canvas)
     return model
 

@@ -150,6 +150,7 @@ RECIPES["nsam_s3"] = [
     },
 ]
 
+
 def recipe(name: str) -> list[dict]:
     """The phases of recipe ``name`` (copies)."""
     if name not in RECIPES:
