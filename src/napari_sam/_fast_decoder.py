@@ -115,8 +115,6 @@ def supports_fast_path(mask_decoder: nn.Module) -> bool:
     """True when ``mask_decoder`` has SAM's MaskDecoder / TwoWayTransformer structure."""
     if not all(hasattr(mask_decoder, a) for a in _DECODER_ATTRS):
         return False
-    if getattr(mask_decoder, "hires_chans", 0):  # the skip runs in the module's own path
-        return False
     tr = mask_decoder.transformer
     if not all(hasattr(tr, a) for a in ("layers", "final_attn_token_to_image", "norm_final_attn")):
         return False
@@ -303,6 +301,7 @@ class Prepared:
     first_k: Tensor | None = None
     first_v: Tensor | None = None
     first_q_t: Tensor | None = None
+    skip: Tensor | None = None  # (1, C'', 16 hw): a decoder's high-resolution skip term
 
 
 def _project(lin: nn.Linear, x: Tensor, nh: int) -> Tensor:
@@ -326,6 +325,9 @@ def prepare(
     key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
     keys_pe = keys + key_pe
     prep = Prepared(image_embeddings, image_pe, no_mask_dense, tokens, keys, keys_pe, key_pe)
+    if getattr(mask_decoder, "hires_chans", 0):
+        # prompt-independent: hyper @ (upscaled + skip) = hyper @ upscaled + hyper @ skip
+        prep.skip = mask_decoder.hires_features(image_embeddings)[1].flatten(2)
     if mask_decoder is not None and supports_fast_path(mask_decoder):
         blk = mask_decoder.transformer.layers[0]
         t2i, i2t = blk.cross_attn_token_to_image, blk.cross_attn_image_to_token
@@ -362,7 +364,13 @@ def decode(
     md = mask_decoder
     b, n_sparse = sparse_prompt_embeddings.shape[:2]
     num_tokens = 1 + getattr(md, "num_mask_tokens", 4) + n_sparse
-    if not fast or not supports_fast_path(md) or not _attention_is_cheaper(md, num_tokens):
+    no_skip = getattr(md, "hires_chans", 0) and prepared.skip is None
+    if (
+        not fast
+        or no_skip
+        or not supports_fast_path(md)
+        or not _attention_is_cheaper(md, num_tokens)
+    ):
         dense = (
             prepared.no_mask_dense if dense_prompt_embeddings is None else dense_prompt_embeddings
         )
@@ -374,7 +382,8 @@ def decode(
             multimask_output=multimask_output,
         )
     tr = md.transformer
-    _, c, h, w = prepared.image_embeddings.shape
+    _, h, w = prepared.image_embeddings.shape[1:]
+    c = prepared.no_mask_dense.shape[1]
     out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
     tokens = torch.cat([out_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], 1)
     key_pe = prepared.key_pe
@@ -423,6 +432,8 @@ def decode(
         upscaled = md.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))
         bu, cu, hu, wu = upscaled.shape
         masks = torch.bmm(hyper, upscaled.reshape(bu, cu, hu * wu)).view(b, -1, hu, wu)
+    if prepared.skip is not None:
+        masks = masks + torch.matmul(hyper, prepared.skip).view(masks.shape)
     iou = md.iou_prediction_head(queries[:, 0])
     iou = iou[:, 1:] if multimask_output else iou[:, :1]
     return masks, iou

@@ -105,8 +105,6 @@ class _FastPath:
     """Weights of the standard decoder, laid out for prompt-independent precomputation."""
 
     def __init__(self, decoder: nn.Module, dtype: torch.dtype):
-        if getattr(decoder, "hires_chans", 0):
-            raise TypeError("decoders with a high-resolution skip use the module path")
         tr = decoder.transformer
         up = decoder.output_upscaling
         conv1, norm, act1, conv2, act2 = (up[i] for i in range(5))
@@ -427,10 +425,17 @@ class PointDecoder:
         self._src = features[:, : dense.shape[1]].to(self.device) + dense
         self._pe = pe.get_dense_pe()
         self._features = features.to(self.device)
+        # a decoder with a high-resolution skip: the image tokens are the first C channels,
+        # and the skip adds hyper @ skip to the logits (prompt-independent)
+        self._tokens_src = self._features[:, : dense.shape[1]]
+        dec = self.model.mask_decoder
+        self._skip = None
+        if getattr(dec, "hires_chans", 0):
+            self._skip = dec.hires_features(self._features)[1].flatten(2).float()
         self._pre = self._fast.precompute(self._src, self._pe) if self._fast else None
         self._render = None
         if self.local_render and self._fast is not None:
-            self._render = _LocalRender(pe, self._features, self._fast.dtype)
+            self._render = _LocalRender(pe, self._tokens_src, self._fast.dtype)
 
     @torch.inference_mode()
     def decode(self, points: Tensor, min_iou: float | None = None) -> DecodedPoints:
@@ -486,7 +491,7 @@ class PointDecoder:
                 return self._decode_modules(sparse, dense, min_iou)
             if self.dense_per_prompt:  # (B, C, h, w) -> (B, HW, C)
                 keys0 = (
-                    (self._features + dense).to(self._fast.dtype).flatten(2).transpose(1, 2)
+                    (self._tokens_src + dense).to(self._fast.dtype).flatten(2).transpose(1, 2)
                 ).contiguous()
         fp = self._fast
         out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
@@ -508,6 +513,8 @@ class PointDecoder:
         if rows.numel() < keys.shape[0]:
             keys = keys[rows]
         logits = fp.upscale(keys, hyper, (h, w))  # (R, 3, 4h, 4w)
+        if self._skip is not None:
+            logits = logits + torch.matmul(hyper.float(), self._skip).view(logits.shape)
         sub = sel[rows]
         index = torch.stack([rows[:, None].expand_as(sub)[sub], sub.nonzero()[:, 1]], 1)
         return DecodedPoints(iou, index, logits[sub])

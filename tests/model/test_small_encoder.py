@@ -217,9 +217,22 @@ def test_hires_skip_adds_image_detail_in_every_decoder_path():
     p = SamPredictor(hq)
     p.set_image(img)
     emb = p.get_embedding().features
-    dec = PointDecoder(hq, precision="float32")
-    assert not dec.uses_fast_path
-    dec.set_embedding(emb)
-    out = dec.decode(torch.tensor(xy, dtype=torch.float32))
-    np.testing.assert_allclose(out.iou_predictions[0].numpy(), logits[1][1], atol=1e-5)
-    np.testing.assert_allclose(out.logits.numpy(), logits[1][2].reshape(3, 32, 32), atol=1e-4)
+    for fast in (True, False):  # the batched fast path and the decoder modules
+        dec = PointDecoder(hq, fast=fast, precision="float32")
+        assert dec.uses_fast_path == fast
+        dec.set_embedding(emb)
+        out = dec.decode(torch.tensor(xy, dtype=torch.float32))
+        np.testing.assert_allclose(out.iou_predictions[0].numpy(), logits[1][1], atol=1e-5)
+        np.testing.assert_allclose(out.logits.numpy(), logits[1][2].reshape(3, 32, 32), atol=1e-4)
+    # the predictor's fast decoder against the module path
+    from napari_sam import _fast_decoder
+
+    with torch.inference_mode():
+        prep = p._get_prepared()
+        assert prep.skip is not None
+        sparse, dense = hq.prompt_encoder(
+            points=(torch.tensor([[[30.0, 20.0]]]), torch.tensor([[1]])), boxes=None, masks=None
+        )
+        ref = _fast_decoder.decode(hq.mask_decoder, prep, sparse, dense, True, fast=False)
+        got = _fast_decoder.decode(hq.mask_decoder, prep, sparse, dense, True)
+    assert torch.allclose(got[0], ref[0], atol=1e-4) and torch.allclose(got[1], ref[1], atol=1e-5)
