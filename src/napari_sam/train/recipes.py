@@ -151,6 +151,24 @@ RECIPES["nsam_s3"] = [
 ]
 
 
+# In progress (session 4, docs/models.md): nsam_s2 plus a phase that adds the
+# high-resolution skip (hires_chans 4, zero-initialised, so it starts as nsam_s2) and
+# trains it with phase 3's settings. After 1,000 steps: the real nuclei image improves
+# (1 click 0.779 -> 0.809, 3 clicks 0.807 -> 0.836), the synthetic set gets worse at
+# clicks (3 clicks 0.683 -> 0.656); not shipped. The run was stopped at step ~3,000 of
+# the schedule; continue it with --from-phase 4 and the nsam_s2 weights as --init.
+RECIPES["nsam_s2_hires"] = [
+    *RECIPES["nsam_s2"],
+    {
+        **RECIPES["nsam_s2"][-1],
+        "model": {"hires_chans": 4},
+        "steps": 9000,
+        "lr": 3e-4,
+        "warmup": 50,
+        "seed": 8,
+    },
+]
+
 def recipe(name: str) -> list[dict]:
     """The phases of recipe ``name`` (copies)."""
     if name not in RECIPES:
