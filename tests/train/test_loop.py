@@ -168,6 +168,44 @@ def test_resume_is_identical_with_the_session3_options(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_volume_samples_prompt_with_the_neighbouring_slices_masks(tmp_path):
+    cfg = _cfg(tmp_path, volume_prob=1.0, volume_depth=8, volume_kinds=("nuclei", "dense"))
+    src = L.SyntheticSource(cfg)
+    rng = np.random.default_rng(0)
+    empty = changed = total = 0
+    for _ in range(12):
+        s = src.sample(rng)
+        assert s.image.shape == (3, 64, 64)
+        assert s.prompts is not None and len(s.prompts) == len(s.masks) > 0
+        for p, m in zip(s.prompts, s.masks, strict=True):
+            assert p.shape == m.shape == (64, 64) and p.sum() >= 20
+            # the same object on the next slice overlaps its prompt, or has ended
+            assert not m.any() or (p & m).any()
+            empty += not m.any()
+            changed += not np.array_equal(p, m)
+            total += 1
+    assert 0 < empty < total and changed > total // 2
+
+
+def test_training_with_volume_samples_resumes_identically(tmp_path):
+    opts = {"steps": 4, "volume_prob": 0.5, "volume_depth": 8, "max_rounds": 1}
+    L.train(_cfg(tmp_path / "a", **opts))
+    cfg = _cfg(tmp_path / "b", **opts)
+    calls = {"n": 0}
+
+    def stop_after_two():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    L.train(cfg, should_stop=stop_after_two)
+    L.train(cfg)
+    a = _state(tmp_path / "a" / "run" / "last.pt")
+    b = _state(tmp_path / "b" / "run" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_mask_prompt_metric_and_score(tmp_path):
     cfg = _cfg(tmp_path, eval_images=3)
     model = L.build_model(cfg)

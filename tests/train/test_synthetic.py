@@ -76,6 +76,25 @@ def test_volume_objects_have_finite_z_extent():
     np.testing.assert_array_equal(make_volume(5, (24, 64, 64))[0], vol)
 
 
+def test_dense_volumes_stack_touching_nuclei_in_z():
+    vol, lab = make_volume(11, (16, 96, 96), "dense")
+    np.testing.assert_array_equal(make_volume(11, (16, 96, 96), "dense")[1], lab)
+    n = lab.max()
+    assert n >= 30
+    assert all(z_extent(lab, i)[1] - z_extent(lab, i)[0] < 15 for i in range(1, n + 1))
+    # voxels whose neighbour above is another nucleus: a propagated mask has to stop there
+    above, below = lab[1:], lab[:-1]
+    stacked = (above > 0) & (below > 0) & (above != below)
+    assert stacked.sum() > 200
+    # and touching in the plane as well
+    left, right = lab[:, :, 1:], lab[:, :, :-1]
+    assert ((left > 0) & (right > 0) & (left != right)).sum() > 200
+    # the other kinds keep nuclei apart: far fewer stacked voxels
+    _, sparse = make_volume(11, (16, 96, 96), "nuclei")
+    a, b = sparse[1:], sparse[:-1]
+    assert ((a > 0) & (b > 0) & (a != b)).sum() < stacked.sum() / 4
+
+
 def test_bad_input_messages():
     with pytest.raises(ValueError, match="kind"):
         make_image(0, kind="bananas")

@@ -74,6 +74,13 @@ class TrainConfig:
     # probability that the first prompt is only a mask: the object's mask, shifted and
     # grown or shrunk by a few pixels, as +-8 logits (what propagation gives a slice)
     mask_prompt_prob: float = 0.0
+    # probability that a training image is a slice z of a synthetic stack (make_volume,
+    # ``volume_depth`` slices, kinds ``volume_kinds``) and the prompts are the masks of
+    # the objects on slice z +- 1, as propagation gives them: the target may have shrunk,
+    # moved, or be empty (the object ended; in "dense" stacks another nucleus follows)
+    volume_prob: float = 0.0
+    volume_kinds: tuple[str, ...] = ("nuclei", "tubes", "mixed", "dense")
+    volume_depth: int = 12
     # images drawn at canvas / f and resized by f (log-uniform in this range), so that
     # object edges, blur and noise also look like up-/down-sampled inputs
     resample_range: tuple[float, float] = (1.0, 1.0)
@@ -136,12 +143,15 @@ class Sample:
 
     ``image``: (3, S, S) float32, normalised and zero-padded; ``masks``: list of (S, S)
     bool object masks (in the canvas frame, padded); ``key``: cache key for embeddings.
+    ``prompts``: where given, one (S, S) bool mask per object that is the object's first
+    prompt (a neighbouring slice's mask); its target in ``masks`` may then be empty.
     """
 
     image: np.ndarray
     masks: list
     key: object = None
     labels: np.ndarray | None = None  # (S, S) instance ids, where a source keeps them
+    prompts: list | None = None
 
 
 def to_canvas(
@@ -194,6 +204,8 @@ class SyntheticSource:
 
     def sample(self, rng: np.random.Generator) -> Sample:
         cfg = self.cfg
+        if cfg.volume_prob and rng.random() < cfg.volume_prob:
+            return self.volume_sample(rng)
         seed = int(rng.integers(0, cfg.eval_seed))  # never a held-out seed
         lo, hi = cfg.scale_range
         scale = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
@@ -213,6 +225,36 @@ class SyntheticSource:
         low, high = rng.uniform(0, 1.0), rng.uniform(99.0, 100.0)
         passthrough = rng.random() < cfg.uint8_passthrough
         return to_canvas(image, labels, cfg.canvas, low, high, uint8_passthrough=passthrough)
+
+    def volume_sample(self, rng: np.random.Generator) -> Sample:
+        """Slice z of a new synthetic stack; objects are those on slice z - d (d = +-1, at
+        least 20 pixels there), their prompts those masks, their targets their masks on z
+        (possibly empty). Everything is drawn from ``rng``, so a resumed run matches."""
+        from .synthetic import make_volume
+
+        cfg = self.cfg
+        depth = max(8, int(cfg.volume_depth))  # make_volume needs 8 slices
+        for _ in range(8):
+            seed = int(rng.integers(0, cfg.eval_seed))  # never a held-out seed
+            kind = cfg.volume_kinds[int(rng.integers(len(cfg.volume_kinds)))]
+            bit_depth = [8, 16, None][rng.integers(3)]
+            vol, lab = make_volume(seed, (depth, cfg.canvas, cfg.canvas), kind, bit_depth)
+            d = 1 if rng.random() < 0.5 else -1
+            z = int(rng.integers(1, depth - 1))
+            prev = lab[z - d]
+            ids, counts = np.unique(prev[prev > 0], return_counts=True)
+            ids = ids[counts >= 20]
+            if ids.size:
+                break
+        else:
+            raise RuntimeError("no synthetic stack with objects in 8 tries")  # guard
+        low, high = rng.uniform(0, 1.0), rng.uniform(99.0, 100.0)
+        passthrough = rng.random() < cfg.uint8_passthrough
+        s = to_canvas(vol[z], lab[z], cfg.canvas, low, high, uint8_passthrough=passthrough)
+        s.masks = [lab[z] == i for i in ids]
+        s.prompts = [prev == i for i in ids]
+        s.labels = None
+        return s
 
 
 class ArraySource:
@@ -425,7 +467,13 @@ def _session_step(model, emb, sample: Sample, obj_idx, cfg: TrainConfig, rng, to
     """Loss of one image's objects over a sampled interactive session."""
     masks = [sample.masks[i] for i in obj_idx]
     target = _low_res_targets(masks, torch, side=4 * emb.shape[-1])
-    if cfg.mask_prompt_prob and rng.random() < cfg.mask_prompt_prob:
+    if sample.prompts is not None:  # a neighbouring slice's masks (volume_prob)
+        kind = "volume"
+        its = [
+            P.Interaction(mask_input=_mask_prompt(sample.prompts[i], rng, target.shape[-1], torch))
+            for i in obj_idx
+        ]
+    elif cfg.mask_prompt_prob and rng.random() < cfg.mask_prompt_prob:
         kind = "mask"
         its = [
             P.Interaction(mask_input=_mask_prompt(m, rng, target.shape[-1], torch)) for m in masks
@@ -775,7 +823,9 @@ def train(
             loss = 0.0
             stats = []
             for i, s in enumerate(samples):
-                idx = pick_objects(s.masks, cfg.objects_per_image, rng, cfg.size_power)
+                idx = pick_objects(
+                    s.prompts or s.masks, cfg.objects_per_image, rng, cfg.size_power
+                )
                 if cfg.pe_reference:
                     span = _pe_span(cfg)
                     set_pe_frame(model, span, rng.uniform(0, 1 - span, 2))

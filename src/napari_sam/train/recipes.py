@@ -169,6 +169,7 @@ RECIPES["nsam_s2_hires"] = [
     },
 ]
 
+
 def recipe(name: str) -> list[dict]:
     """The phases of recipe ``name`` (copies)."""
     if name not in RECIPES:

@@ -46,7 +46,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 KINDS = ("nuclei", "cells", "membrane", "elongated", "mixed")
-VOLUME_KINDS = ("nuclei", "tubes", "mixed")
+VOLUME_KINDS = ("nuclei", "tubes", "mixed", "dense")
 BIT_DEPTHS = (8, 16, None)
 
 __all__ = [
@@ -599,15 +599,19 @@ def make_volume(
 
     Objects are ellipsoids (nuclei: z radius 2..shape[0]/3, x/y radius 5..20 px, rotated
     in x/y, slightly irregular, textured) and tubes (radius 3..8 px, running along z over a
-    random range of slices with a slowly drifting centre). Every object has a finite z
-    extent inside the stack; ``z_extent(labels, i)`` reads it back. The stack is blurred
+    random range of slices with a slowly drifting centre). ``"dense"``: tissue-like
+    packing, nuclei (z radius 1.5..5, x/y radius 5..14 px) on a jittered 3D grid, so that
+    they touch their neighbours, also above and below (where a propagated mask must stop
+    at the end of one nucleus instead of running into the next). Every object has a
+    finite z extent inside the stack; ``z_extent(labels, i)`` reads it back. The stack is blurred
     anisotropically (more in z, like a widefield/confocal PSF) and noised like
     :func:`make_image`.
 
     Args:
         seed: non-negative int.
         shape: ``(z, rows, cols)``, each >= 8.
-        kind: ``"nuclei"`` (ellipsoids), ``"tubes"`` or ``"mixed"`` (both).
+        kind: ``"nuclei"`` (ellipsoids), ``"tubes"``, ``"mixed"`` (both) or ``"dense"``
+            (packed nuclei).
         bit_depth: 8, 16 or None (float32).
 
     Returns:
@@ -641,11 +645,18 @@ def make_volume(
         z0 = int(rng.integers(0, d - length))
         yx = (rng.uniform(10, h - 10), rng.uniform(10, w - 10))
         objects.append(_tube(rng, z0, z0 + length - 1, yx, rng.uniform(3, 8), shape))
+    if kind == "dense":
+        objects = _dense_nuclei(rng, shape)
     for obj in objects:
         if obj is None:
             continue
         sl, inside, rel = obj
-        if (labels[sl][inside] > 0).mean() > 0.1:
+        taken = labels[sl] > 0
+        if kind == "dense":  # touching: an object fills only the voxels still free
+            inside = inside & ~taken
+            if inside.sum() < 20:
+                continue
+        elif (taken[inside]).mean() > 0.1:
             continue
         n_obj += 1
         b = rng.uniform(0.3, 0.9) * (1 - 0.3 * rel**2) * (1 + 0.2 * tex[sl])
@@ -656,6 +667,29 @@ def make_volume(
     clean = image + np.clip(bg, 0, None)
     img = _acquire(rng, clean, bit_depth, rng.uniform(0.5, 1.2), z_blur=rng.uniform(0.6, 1.5))
     return img, labels
+
+
+def _dense_nuclei(rng, shape) -> list:
+    """Ellipsoids on a jittered grid whose spacing is about their diameter (they touch)."""
+    d, h, w = shape
+    rz_mean, r_mean = rng.uniform(2, 4), rng.uniform(6, 11)
+    out = []
+    for zc in np.arange(rz_mean * 0.8, d, 2 * rz_mean * 0.95):
+        for yc in np.arange(r_mean * 0.5, h, 2 * r_mean * 0.9):
+            for xc in np.arange(r_mean * 0.5, w, 2 * r_mean * 0.9):
+                if rng.random() < 0.15:  # some gaps
+                    continue
+                rz = float(np.clip(rz_mean * rng.uniform(0.75, 1.3), 1.5, 5))
+                r = float(np.clip(r_mean * rng.uniform(0.8, 1.25), 5, 14))
+                aspect = rng.uniform(1, 1.5)
+                radii = (rz, r / np.sqrt(aspect), r * np.sqrt(aspect))
+                jitter = rng.normal(0, [0.3 * rz, 0.25 * r, 0.25 * r])
+                center = np.clip(np.array([zc, yc, xc]) + jitter, 0, np.array(shape) - 1)
+                out.append(
+                    _ellipsoid(rng, tuple(center), radii, rng.uniform(0, np.pi), 0.25, shape)
+                )
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
 
 
 def z_extent(labels: np.ndarray, label: int) -> tuple[int, int]:
