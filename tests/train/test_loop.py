@@ -139,6 +139,27 @@ def test_early_stop_when_the_score_stops_improving(tmp_path):
     assert (tmp_path / "run" / "best.pt").exists()
 
 
+def _interrupted_run_matches(tmp_path, opts: dict, stop_after: int):
+    """Train ``opts`` once straight through and once stopped after ``stop_after`` steps
+    and resumed; assert identical weights; return the interrupted run's first model."""
+    L.train(_cfg(tmp_path / "a", **opts))
+    cfg = _cfg(tmp_path / "b", **opts)
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > stop_after
+
+    model, _ = L.train(cfg, should_stop=stop)
+    L.train(cfg)
+    a = _state(tmp_path / "a" / "run" / "last.pt")
+    b = _state(tmp_path / "b" / "run" / "last.pt")
+    assert a["step"] == b["step"] == opts["steps"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    return model
+
+
 def test_resume_is_identical_with_the_session3_options(tmp_path):
     """pe_reference, mask-only first prompts and resampled images draw from the same
     seeded generator: an interrupted run still reproduces the uninterrupted one."""
@@ -149,23 +170,10 @@ def test_resume_is_identical_with_the_session3_options(tmp_path):
         "resample_range": (0.8, 2.0),
         "max_rounds": 1,
     }
-    L.train(_cfg(tmp_path / "a", **opts))
-    cfg = _cfg(tmp_path / "b", **opts)
-    calls = {"n": 0}
-
-    def stop_after_one():
-        calls["n"] += 1
-        return calls["n"] > 1
-
-    model, _ = L.train(cfg, should_stop=stop_after_one)
+    model = _interrupted_run_matches(tmp_path, opts, stop_after=1)
     # the positional-encoding frame is restored for inference after training
     assert model.prompt_encoder.pe_layer.frame_span == 1.0
     assert model.prompt_encoder.pe_layer.frame_offset == (0.0, 0.0)
-    L.train(cfg)
-    a = _state(tmp_path / "a" / "run" / "last.pt")
-    b = _state(tmp_path / "b" / "run" / "last.pt")
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 def test_volume_samples_prompt_with_the_neighbouring_slices_masks(tmp_path):
@@ -189,21 +197,7 @@ def test_volume_samples_prompt_with_the_neighbouring_slices_masks(tmp_path):
 
 def test_training_with_volume_samples_resumes_identically(tmp_path):
     opts = {"steps": 4, "volume_prob": 0.5, "volume_depth": 8, "max_rounds": 1}
-    L.train(_cfg(tmp_path / "a", **opts))
-    cfg = _cfg(tmp_path / "b", **opts)
-    calls = {"n": 0}
-
-    def stop_after_two():
-        calls["n"] += 1
-        return calls["n"] > 2
-
-    L.train(cfg, should_stop=stop_after_two)
-    L.train(cfg)
-    a = _state(tmp_path / "a" / "run" / "last.pt")
-    b = _state(tmp_path / "b" / "run" / "last.pt")
-    assert a["step"] == b["step"] == 4
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    _interrupted_run_matches(tmp_path, opts, stop_after=2)
 
 
 def test_mask_prompt_metric_and_score(tmp_path):
