@@ -602,7 +602,8 @@ def make_volume(
     random range of slices with a slowly drifting centre). ``"dense"``: tissue-like
     packing, nuclei (z radius 1.5..5, x/y radius 5..14 px) on a jittered 3D grid, so that
     they touch their neighbours, also above and below (where a propagated mask must stop
-    at the end of one nucleus instead of running into the next). Every object has a
+    at the end of one nucleus instead of running into the next), in the haze of
+    out-of-focus light and stronger z blur of thick tissue. Every object has a
     finite z extent inside the stack; ``z_extent(labels, i)`` reads it back. The stack is blurred
     anisotropically (more in z, like a widefield/confocal PSF) and noised like
     :func:`make_image`.
@@ -664,8 +665,15 @@ def make_volume(
         labels[sl][inside] = n_obj
     labels = _relabel(labels)
     bg = rng.uniform(0.02, 0.15) + 0.03 * _smooth_noise(rng, shape, max(shape) / 6)
+    z_blur = rng.uniform(0.6, 1.5)
+    if kind == "dense":
+        # thick tissue: out-of-focus light from the nuclei themselves (a broad blur of the
+        # scene) lifts the background between them, and the z blur is stronger
+        haze = ndi.gaussian_filter(image, (3.0, 6.0, 6.0))
+        bg = bg + rng.uniform(0.0, 1.2) * haze
+        z_blur = rng.uniform(0.8, 2.5)
     clean = image + np.clip(bg, 0, None)
-    img = _acquire(rng, clean, bit_depth, rng.uniform(0.5, 1.2), z_blur=rng.uniform(0.6, 1.5))
+    img = _acquire(rng, clean, bit_depth, rng.uniform(0.5, 1.2), z_blur=z_blur)
     return img, labels
 
 
