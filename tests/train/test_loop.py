@@ -195,8 +195,25 @@ def test_volume_samples_prompt_with_the_neighbouring_slices_masks(tmp_path):
     assert 0 < empty < total and changed > total // 2
 
 
+def test_volume_end_share_raises_the_share_of_ended_objects(tmp_path):
+    def ended_share(**kw):
+        cfg = _cfg(tmp_path, canvas=128, volume_prob=1.0, volume_kinds=("dense",), **kw)
+        src, rng = L.SyntheticSource(cfg), np.random.default_rng(1)
+        flags = [not m.any() for _ in range(10) for m in src.sample(rng).masks]
+        return np.mean(flags)
+
+    natural, raised = ended_share(), ended_share(volume_end_share=0.4)
+    assert natural < 0.15 and 0.25 < raised < 0.6, (natural, raised)
+
+
 def test_training_with_volume_samples_resumes_identically(tmp_path):
-    opts = {"steps": 4, "volume_prob": 0.5, "volume_depth": 8, "max_rounds": 1}
+    opts = {
+        "steps": 4,
+        "volume_prob": 0.5,
+        "volume_depth": 8,
+        "volume_end_share": 0.3,
+        "max_rounds": 1,
+    }
     _interrupted_run_matches(tmp_path, opts, stop_after=2)
 
 

@@ -81,6 +81,10 @@ class TrainConfig:
     volume_prob: float = 0.0
     volume_kinds: tuple[str, ...] = ("nuclei", "tubes", "mixed", "dense")
     volume_depth: int = 12
+    # 0: the objects of a volume sample as they come (few have ended on the next slice).
+    # s > 0: where some have ended, others are subsampled so that ended ones make about
+    # this share, so the model learns to return an empty mask when the object is gone
+    volume_end_share: float = 0.0
     # images drawn at canvas / f and resized by f (log-uniform in this range), so that
     # object edges, blur and noise also look like up-/down-sampled inputs
     resample_range: tuple[float, float] = (1.0, 1.0)
@@ -239,15 +243,25 @@ class SyntheticSource:
             kind = cfg.volume_kinds[int(rng.integers(len(cfg.volume_kinds)))]
             bit_depth = [8, 16, None][rng.integers(3)]
             vol, lab = make_volume(seed, (depth, cfg.canvas, cfg.canvas), kind, bit_depth)
-            d = 1 if rng.random() < 0.5 else -1
-            z = int(rng.integers(1, depth - 1))
-            prev = lab[z - d]
-            ids, counts = np.unique(prev[prev > 0], return_counts=True)
-            ids = ids[counts >= 20]
+            # with volume_end_share, up to 4 draws of (z, d) look for an object that ends
+            for _ in range(4 if cfg.volume_end_share > 0 else 1):
+                d = 1 if rng.random() < 0.5 else -1
+                z = int(rng.integers(1, depth - 1))
+                prev = lab[z - d]
+                ids, counts = np.unique(prev[prev > 0], return_counts=True)
+                ids = ids[counts >= 20]
+                if (~np.isin(ids, lab[z])).any():
+                    break
             if ids.size:
                 break
         else:
             raise RuntimeError("no synthetic stack with objects in 8 tries")  # guard
+        ended = ~np.isin(ids, lab[z])
+        share = cfg.volume_end_share
+        if share > 0 and ended.any() and not ended.all():
+            keep = max(1, round(ended.sum() * (1 - share) / share))
+            going = rng.permutation(ids[~ended])[:keep]
+            ids = np.sort(np.concatenate([ids[ended], going]))
         low, high = rng.uniform(0, 1.0), rng.uniform(99.0, 100.0)
         passthrough = rng.random() < cfg.uint8_passthrough
         s = to_canvas(vol[z], lab[z], cfg.canvas, low, high, uint8_passthrough=passthrough)
