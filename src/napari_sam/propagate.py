@@ -81,6 +81,7 @@ class StopReason(str, Enum):
     LOW_OVERLAP = "IoU with previous slice below threshold"
     AREA_GROWTH = "area grew beyond factor"
     AREA_SHRINK = "area shrank beyond factor"
+    SMALL_VS_ANCHOR = "area fell below a fraction of the anchor's"
     LOW_CONTRAST = "object no longer stands out from its surroundings"
     RANGE = "end of slice range"
     ANCHOR = "reached another anchor"
@@ -91,7 +92,7 @@ class StepMetrics:
     """What a step measured, for the stop rules and for display.
 
     area, prev_area: pixels of this and of the previous slice's mask; iou_prev: their IoU;
-    score: SAM's predicted IoU. Contrast of the mask with a ring around it, as a fraction
+    anchor_area: pixels of the front's anchor mask (0: unknown); score: SAM's predicted IoU. Contrast of the mask with a ring around it, as a fraction
     of the same contrast on the front's anchor (1: as on the anchor, 0: the object does
     not stand out any more; nan: not measured): intensity_contrast from mean intensities
     of the slice, feature_contrast from the image embedding (projected on the anchor's
@@ -105,6 +106,7 @@ class StepMetrics:
     feature_contrast: float = float("nan")
     intensity_contrast: float = float("nan")
     contrast: float = float("nan")
+    anchor_area: int = 0
 
 
 CONTRAST_MODES = ("auto", "intensity", "embedding", "both")
@@ -121,6 +123,10 @@ class StopCriteria:
     min_iou_prev: IoU between this and the previous slice's mask (LOW_OVERLAP).
     max_area_growth / max_area_shrink: area above factor * previous area / below previous
         area / factor (AREA_GROWTH / AREA_SHRINK); growth is how leaks look.
+    min_anchor_area: stop when the area falls below this fraction of the anchor's area
+        (SMALL_VS_ANCHOR). In packed tissue a front that does not end with its object
+        shrinks and runs on into the nucleus above or below; a cross-section this much
+        smaller than the annotated one is where the object ends.
     min_contrast: stop when the image no longer shows the object (LOW_CONTRAST): the
         contrast between the mask and a ring around it falls below this fraction of the
         same contrast on the anchor slice.
@@ -142,6 +148,7 @@ class StopCriteria:
     min_iou_prev: float | None = 0.5
     max_area_growth: float | None = 2.5
     max_area_shrink: float | None = None
+    min_anchor_area: float | None = None
     min_contrast: float | None = 0.4
     contrast: str = "auto"
 
@@ -161,6 +168,8 @@ class StopCriteria:
             return StopReason.AREA_GROWTH
         if self.max_area_shrink is not None and m.area * self.max_area_shrink < m.prev_area:
             return StopReason.AREA_SHRINK
+        if self.min_anchor_area is not None and m.area < self.min_anchor_area * m.anchor_area:
+            return StopReason.SMALL_VS_ANCHOR
         # nan (not measurable for this object) never stops a front.
         if self.min_contrast is not None and m.contrast < self.min_contrast:
             return StopReason.LOW_CONTRAST
@@ -515,6 +524,7 @@ class _Front:
     active: bool = True
     ref_feature: object = None  # anchor's embedding contrast (C,), False: not measurable
     ref_intensity: float | None = None  # anchor's intensity contrast, nan: not measurable
+    anchor_area: int = 0
 
     @property
     def prev_area(self) -> int:
@@ -616,7 +626,17 @@ def propagate(
                 if not redo and starts is None and (a, d) in track.stops:
                     continue
                 track._drop_front(a, d)
-                sweeps[d].append(_Front(track, a, d, anchor.mask, anchor.logits, a + d))
+                sweeps[d].append(
+                    _Front(
+                        track,
+                        a,
+                        d,
+                        anchor.mask,
+                        anchor.logits,
+                        a + d,
+                        anchor_area=int(anchor.mask.sum()),
+                    )  # fmt: skip
+                )
 
     shared = predictor is store.predictor
     lock = store._encode_lock if shared else contextlib.nullcontext()
@@ -701,6 +721,7 @@ def _sweep(ctx: _SweepContext, d: int, fronts: list[_Front], after: list[_Front]
                 feature_contrast=features[k],
                 intensity_contrast=intensity,
                 contrast=ctx.criteria.combine(intensity, features[k]),
+                anchor_area=f.anchor_area,
             )
             reason = ctx.criteria.check(metrics)
             if reason is not None:

@@ -278,6 +278,10 @@ def test_stop_criteria_rules():
     assert c.check(m(area=190, iou_prev=0.4)) is StopReason.AREA_GROWTH
     assert c.check(m(area=20, iou_prev=0.4)) is StopReason.AREA_SHRINK
     assert c.check(m(contrast=0.3)) is StopReason.LOW_CONTRAST
+    small = StopCriteria(min_anchor_area=0.4)
+    assert small.check(m(area=45, anchor_area=100)) is None  # well within 1 / factor 2.5
+    assert small.check(m(area=39, prev_area=45, anchor_area=100)) is StopReason.SMALL_VS_ANCHOR
+    assert small.check(m(area=39, anchor_area=0)) is None  # anchor area unknown
     # Not measurable (nan) never stops a front.
     assert c.check(m(contrast=float("nan"))) is None
     # The first rule in the documented order is reported.
@@ -308,6 +312,34 @@ def test_criteria_stop_a_front_and_the_rejected_mask_is_not_kept(volume, predict
     ]
     assert all(s.mask is not None for s in steps)
     assert state.object_slices(1) == [8]
+
+
+def test_fronts_stop_where_the_area_falls_below_a_share_of_the_anchors(
+    volume, predictor, warm_store
+):
+    state = _state(volume, [(1, 8)])
+    walked = list(propagate(warm_store, twin_predictor(predictor), state, criteria=WALK))
+    anchor_area = int(volume[1][8].sum())
+    areas = {s.z: int(s.mask.sum()) for s in walked if s.accepted}
+    share = float(np.median(list(areas.values()))) / anchor_area
+    expected = {}  # direction -> first slice below the share, as the walk measured it
+    for d, zs in ((1, range(9, 16)), (-1, range(7, -1, -1))):
+        below = [z for z in zs if areas[z] < share * anchor_area]
+        if below:
+            expected[d] = below[0]
+    assert expected  # the median splits the walked areas
+    state = _state(volume, [(1, 8)])
+    rule = StopCriteria(min_anchor_area=share, min_iou_prev=None, max_area_growth=None,
+                        min_contrast=None)  # fmt: skip
+    list(propagate(warm_store, twin_predictor(predictor), state, criteria=rule))
+    for (_, d), (z, reason) in state.stop_reasons(1).items():
+        if d in expected:
+            assert (z, reason) == (expected[d], StopReason.SMALL_VS_ANCHOR)
+        else:
+            assert reason is StopReason.RANGE
+    for z in state.object_slices(1):
+        if z != 8:
+            assert state.mask(1, z).sum() >= share * anchor_area
 
 
 def test_prompt_helpers_geometry(predictor):

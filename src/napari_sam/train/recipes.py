@@ -170,6 +170,40 @@ RECIPES["nsam_s2_hires"] = [
 ]
 
 
+# Session 5: nsam_s2 plus two phases that train the step propagation takes: a slice of a
+# synthetic stack (make_volume, including "dense" packed nuclei touching in z) prompted
+# with the neighbouring slice's masks (volume_prob 0.3); the target may have shrunk or be
+# empty. Phase 4 draws the objects as they come (few end); it was cut at step 1000 of its
+# 4000-step schedule (its best evaluation). Phase 5 raises the share of objects that end
+# on the slice to ~30 % (volume_end_share), so that a front returns an empty mask where
+# its object is gone instead of running into the next nucleus (docs/models.md).
+RECIPES["nsam_s4"] = [
+    *RECIPES["nsam_s2"],
+    {
+        **RECIPES["nsam_s2"][-1],
+        "steps": 4000,
+        "stop_at": 1000,
+        "objects_per_image": 12,
+        "volume_prob": 0.3,
+        "eval_every": 500,
+        "lr": 2e-4,
+        "warmup": 50,
+        "seed": 9,
+    },
+    {
+        **RECIPES["nsam_s2"][-1],
+        "steps": 3000,
+        "objects_per_image": 12,
+        "volume_prob": 0.3,
+        "volume_end_share": 0.3,
+        "eval_every": 500,
+        "lr": 2e-4,
+        "warmup": 50,
+        "seed": 10,
+    },
+]
+
+
 def recipe(name: str) -> list[dict]:
     """The phases of recipe ``name`` (copies)."""
     if name not in RECIPES:
