@@ -135,9 +135,10 @@ class StopCriteria:
         (difference of means at least half the pooled standard deviation) are judged,
         others never stop on it. ``"embedding"``: the same difference of the image
         embedding (mean feature vectors on the encoder's grid, ring of 2 cells), projected
-        on the anchor's; needs the anchor slice's embedding. ``"auto"`` (default):
-        intensity for objects that stand out in brightness, embedding for the others.
-        ``"both"``: stop when either falls below.
+        on the anchor's; needs the anchor slice's embedding. ``"auto"``: intensity for
+        objects that stand out in brightness, embedding for the others. ``"both"``
+        (default): stop when either falls below (objects that do not stand out in
+        brightness are judged by the embedding alone).
 
     Defaults were chosen with ``benchmarks/bench_stop_rules.py`` on volumes with known
     extent (see docs/volumes.md).
@@ -145,12 +146,12 @@ class StopCriteria:
 
     min_area: int = 1
     min_score: float | None = None
-    min_iou_prev: float | None = 0.5
+    min_iou_prev: float | None = 0.7
     max_area_growth: float | None = 2.5
     max_area_shrink: float | None = None
     min_anchor_area: float | None = None
     min_contrast: float | None = 0.4
-    contrast: str = "auto"
+    contrast: str = "both"
 
     def __post_init__(self):
         if self.contrast not in CONTRAST_MODES:

@@ -493,10 +493,11 @@ def test_auto_contrast_uses_intensity_for_bright_objects(volume, predictor):
     # The test ellipsoid is much brighter than its surroundings: "auto" judges it by
     # intensity, so the anchor slice needs no embedding.
     counter = EncoderCounter(predictor.model)
+    auto = StopCriteria(contrast="auto")
     try:
         store = _store(volume, predictor)
         steps = list(propagate(store, twin_predictor(predictor), _state(volume, [(1, 8)]),
-                               prefetch=False))  # fmt: skip
+                               criteria=auto, prefetch=False))  # fmt: skip
         measured = [s.metrics for s in steps if s.metrics is not None]
         assert measured and all(np.isfinite(m.intensity_contrast) for m in measured)
         assert all(np.isnan(m.feature_contrast) for m in measured)
@@ -509,7 +510,21 @@ def test_auto_contrast_uses_intensity_for_bright_objects(volume, predictor):
     img += 0.05 * np.random.default_rng(0).standard_normal(img.shape).astype(np.float32)
     state = PropagationState(16, (48, 48))
     state.add_anchor(1, 8, volume[1][8])
-    steps = list(propagate(EmbeddingStore(img, predictor), twin_predictor(predictor), state))
+    steps = list(propagate(EmbeddingStore(img, predictor), twin_predictor(predictor), state,
+                           criteria=auto))  # fmt: skip
     measured = [s.metrics for s in steps if s.metrics is not None]
     assert measured and all(np.isnan(m.intensity_contrast) for m in measured)
     assert all(m.contrast == m.feature_contrast for m in measured)
+
+
+def test_default_rule_measures_both_contrasts(volume, predictor):
+    # The default ("both") judges a bright object by intensity and embedding and keeps the
+    # lower of the two, so a front stops when either says the object is gone.
+    assert StopCriteria().contrast == "both"
+    store = _store(volume, predictor)
+    steps = list(propagate(store, twin_predictor(predictor), _state(volume, [(1, 8)])))
+    measured = [s.metrics for s in steps if s.metrics is not None]
+    assert measured
+    for m in measured:
+        assert np.isfinite(m.intensity_contrast) and np.isfinite(m.feature_contrast)
+        assert m.contrast == min(m.intensity_contrast, m.feature_contrast)
