@@ -323,3 +323,24 @@ def test_training_a_high_resolution_skip_added_to_trained_weights(tmp_path):
     model, _ = L.train(cfg)
     assert float(model.mask_decoder.hires_proj[2].weight.detach().abs().sum()) > 0.0
     assert not torch.equal(start.image_encoder.hires.weight, model.image_encoder.hires.weight)
+
+
+def test_train_only_updates_just_the_named_parameters(tmp_path):
+    """train_only re-learns one part (here the IoU head) and leaves every other weight as is."""
+    L.train(_cfg(tmp_path, steps=2, max_rounds=0))
+    head = "mask_decoder.iou_prediction_head"
+    cfg = _cfg(
+        tmp_path,
+        out_dir=str(tmp_path / "head"),
+        init=str(tmp_path / "run" / "last.pt"),
+        steps=3,
+        train_only=(head,),
+    )
+    start = {k: v.clone() for k, v in L.build_model(cfg).state_dict().items()}
+    model, _ = L.train(cfg)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
+    assert changed and all(k.startswith(head) for k in changed), sorted(changed)
+    # BatchNorm statistics of the frozen encoder do not drift either
+    assert not any("image_encoder" in k for k in changed)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        L.train(_cfg(tmp_path, out_dir=str(tmp_path / "x"), steps=1, train_only=("nope",)))

@@ -61,6 +61,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     train_encoder: bool = True  # False: encoder frozen, embeddings cached per image
+    # parameter-name prefixes: when given, only these parameters are trained (e.g.
+    # ("mask_decoder.iou_prediction_head",) re-learns the IoU head on frozen masks)
+    train_only: tuple[str, ...] = ()
     box_prob: float = 0.5  # first prompt is a box with this probability, else a point
     max_rounds: int = 4  # interactive rounds after the first, sampled in 0..max_rounds
     mask_only_prob: float = 0.2  # probability that a later round adds no point
@@ -707,6 +710,14 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def _trains(name: str, cfg: TrainConfig) -> bool:
+    """Whether parameter ``name`` is trained under ``cfg``."""
+    if not cfg.train_encoder and name.startswith("image_encoder."):
+        return False
+    only = (cfg.train_only,) if isinstance(cfg.train_only, str) else cfg.train_only
+    return not only or any(name.startswith(p) for p in only)
+
+
 def train(
     cfg: TrainConfig,
     callback: Callable[[dict], None] | None = None,
@@ -738,12 +749,20 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     if model is None:
         model = build_model(cfg)
-    params = [
-        p for n, p in model.named_parameters() if cfg.train_encoder or "image_encoder" not in n
+    params = [p for n, p in model.named_parameters() if _trains(n, cfg)]
+    if not params:
+        raise ValueError(
+            f"train_only={cfg.train_only!r} matches no parameter of the model; give "
+            "prefixes of its parameter names, e.g. 'mask_decoder.iou_prediction_head'"
+        )
+    for n, p in model.named_parameters():
+        p.requires_grad_(_trains(n, cfg))
+    frozen_norms = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and not any(_trains(f"{name}.{n}", cfg) for n, _ in m.named_parameters())
     ]
-    if not cfg.train_encoder:
-        for p in model.image_encoder.parameters():
-            p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history, best = 0, [], {"score": -1.0, "step": -1, "metrics": None}
     stale = 0
@@ -809,8 +828,8 @@ def train(
                 break
             t0 = time.perf_counter()
             model.train()
-            if not cfg.train_encoder:
-                model.image_encoder.eval()
+            for m in frozen_norms:  # frozen BatchNorm layers keep their statistics
+                m.eval()
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             samples = [source.sample(rng) for _ in range(cfg.images_per_step)]
