@@ -146,7 +146,7 @@ class StopCriteria:
 
     min_area: int = 1
     min_score: float | None = None
-    min_iou_prev: float | None = 0.7
+    min_iou_prev: float | None = 0.5
     max_area_growth: float | None = 2.5
     max_area_shrink: float | None = None
     min_anchor_area: float | None = None

@@ -177,6 +177,9 @@ RECIPES["nsam_s2_hires"] = [
 # 4000-step schedule (its best evaluation). Phase 5 raises the share of objects that end
 # on the slice to ~30 % (volume_end_share), so that a front returns an empty mask where
 # its object is gone instead of running into the next nucleus (docs/models.md).
+# Not shipped (session 6): with the stop rule of session 6 (contrast="both") the real
+# StarDist stack's 3D Dice is 0.686 against 0.663 for nsam_s2 (checkpoints 500 steps
+# apart spread by 0.04), and single clicks on the real 2D image got worse (0.720 -> 0.696).
 RECIPES["nsam_s4"] = [
     *RECIPES["nsam_s2"],
     {
