@@ -121,3 +121,16 @@ def test_recipe_from_a_later_phase(tmp_path, monkeypatch, capsys):
     start = torch.load(init, weights_only=True)
     w = "mask_decoder.iou_prediction_head.layers.0.weight"
     torch.testing.assert_close(p2["model"][w], start[w].float())
+
+
+def test_every_recipe_phase_is_a_valid_training_config(tmp_path):
+    from napari_sam.train import recipes
+    from napari_sam.train.loop import TrainConfig
+
+    for name in recipes.RECIPES:
+        for i, phase in enumerate(recipes.recipe(name)):
+            cfg = TrainConfig(out_dir=str(tmp_path / name / str(i)), **phase)
+            assert cfg.steps >= 1 and (cfg.stop_at is None or cfg.stop_at <= cfg.steps)
+    # the default model's last phase only re-learns the IoU head
+    last = TrainConfig(**recipes.recipe("nsam_s5")[-1])
+    assert not last.train_encoder and list(last.train_only) == ["mask_decoder.iou_prediction_head"]

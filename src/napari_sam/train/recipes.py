@@ -207,6 +207,26 @@ RECIPES["nsam_s4"] = [
 ]
 
 
+# The default model since session 6 (docs/models.md): nsam_s2 plus a phase that trains
+# only the IoU head (train_only) with the encoder frozen, so every mask stays as it was
+# and only the choice among the three outputs changes. Best held-out evaluation at step
+# 1000 of 1500. bench_quality: single clicks 0.566 -> 0.582 (synthetic) and 0.720 ->
+# 0.749 (real nuclei image), 3 clicks 0.683 -> 0.714 / 0.807 -> 0.839; boxes unchanged.
+RECIPES["nsam_s5"] = [
+    *RECIPES["nsam_s2"],
+    {
+        **RECIPES["nsam_s2"][-1],
+        "steps": 1500,
+        "objects_per_image": 12,
+        "train_encoder": False,
+        "train_only": ["mask_decoder.iou_prediction_head"],
+        "lr": 1e-3,
+        "warmup": 50,
+        "eval_every": 250,
+        "seed": 11,
+    },
+]
+
 def recipe(name: str) -> list[dict]:
     """The phases of recipe ``name`` (copies)."""
     if name not in RECIPES:
