@@ -227,6 +227,7 @@ RECIPES["nsam_s5"] = [
     },
 ]
 
+
 def recipe(name: str) -> list[dict]:
     """The phases of recipe ``name`` (copies)."""
     if name not in RECIPES:
