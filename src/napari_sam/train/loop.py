@@ -749,19 +749,21 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     if model is None:
         model = build_model(cfg)
-    params = [p for n, p in model.named_parameters() if _trains(n, cfg)]
+    # parameters the caller froze beforehand (fine-tuning chooses parts) stay frozen
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and _trains(n, cfg)}
+    params = [p for n, p in model.named_parameters() if n in trained]
     if not params:
         raise ValueError(
             f"train_only={cfg.train_only!r} matches no parameter of the model; give "
             "prefixes of its parameter names, e.g. 'mask_decoder.iou_prediction_head'"
         )
     for n, p in model.named_parameters():
-        p.requires_grad_(_trains(n, cfg))
+        p.requires_grad_(n in trained)
     frozen_norms = [
         m
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-        and not any(_trains(f"{name}.{n}", cfg) for n, _ in m.named_parameters())
+        and not any(f"{name}.{n}" in trained for n, _ in m.named_parameters())
     ]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history, best = 0, [], {"score": -1.0, "step": -1, "metrics": None}
