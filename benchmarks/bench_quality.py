@@ -45,7 +45,9 @@ def synthetic_set(n: int, size: int = 256):
     return images, labels
 
 
-def propagation_dice(model, img, lab, max_objects: int | None = None) -> list[dict]:
+def propagation_dice(
+    model, img, lab, max_objects: int | None = None, tta: int | None = None
+) -> list[dict]:
     """Propagation from one box per object through stack ``img`` with instance labels
     ``lab``: objects spanning >= 3 slices and >= 200 voxels (the first ``max_objects``);
     the object's tight box on its middle slice (single-mask output) is the anchor, then
@@ -61,7 +63,7 @@ def propagation_dice(model, img, lab, max_objects: int | None = None) -> list[di
 
     state = PropagationState(img.shape[0], img.shape[1:])
     gts = {}
-    pred = SamPredictor(model)
+    pred = SamPredictor(model, tta=tta)
     for obj in np.unique(lab)[1:]:
         gt = lab == obj
         zs = np.flatnonzero(gt.any(axis=(1, 2)))
@@ -76,7 +78,8 @@ def propagation_dice(model, img, lab, max_objects: int | None = None) -> list[di
         gts[int(obj)] = (gt, zs)
         if max_objects is not None and len(gts) >= max_objects:
             break
-    list(propagate(EmbeddingStore(img, SamPredictor(model)), SamPredictor(model), state))
+    store = EmbeddingStore(img, SamPredictor(model, tta=tta))
+    list(propagate(store, SamPredictor(model, tta=tta), state))
     rows = []
     for obj, (gt, zs) in gts.items():
         seg = state.object_volume(obj) if obj in state.objects else np.zeros_like(gt)
@@ -104,7 +107,7 @@ def summarize_3d(rows: list[dict]) -> dict:
     }
 
 
-def dice_from_one_box(model, n: int, real=None) -> dict:
+def dice_from_one_box(model, n: int, real=None, tta: int | None = None) -> dict:
     """3D Dice of :func:`propagation_dice` on held-out stacks ``make_volume(3_100_000 +
     i)``, 24 x 128 x 128, for nuclei, tubes and dense (packed nuclei touching in z; the
     first 40 objects of each stack), and on ``real = (stack, labels)`` if given."""
@@ -115,10 +118,10 @@ def dice_from_one_box(model, n: int, real=None) -> dict:
         rows = []
         for i in range(n):
             img, lab = make_volume(3_100_000 + i, shape=(24, 128, 128), kind=kind)
-            rows += propagation_dice(model, img, lab, max_objects=40)
+            rows += propagation_dice(model, img, lab, max_objects=40, tta=tta)
         out[kind] = summarize_3d(rows)
     if real is not None:
-        out["real"] = summarize_3d(propagation_dice(model, *real))
+        out["real"] = summarize_3d(propagation_dice(model, *real, tta=tta))
     return out
 
 
@@ -161,13 +164,16 @@ def main(argv=None) -> int:
     p.add_argument(
         "--real3d", nargs=2, metavar=("STACK", "LABELS"), help="a real labelled stack (z, y, x)"
     )
+    p.add_argument(
+        "--tta",
+        type=int,
+        nargs="+",
+        help="test-time views to measure, e.g. 1 4 (default: each model's own default)",
+    )
     p.add_argument("--json", help="write results here")
     args = p.parse_args(argv)
 
     import torch
-
-    from napari_sam.predictor import SamPredictor
-    from napari_sam.train.quality import interactive_miou
 
     torch.set_num_threads(args.threads)
     sets = {"synthetic": synthetic_set(args.images)}
@@ -180,39 +186,51 @@ def main(argv=None) -> int:
     print("|" + " --- |" * (len(cols) + 4))
     results = []
     for spec in args.model or ["default"]:
-        name, model = load(spec)
+        name0, model = load(spec)
         if model is None:
             continue
-        pred = SamPredictor(model)
-        for set_name, (images, labels) in sets.items():
-            t0 = time.perf_counter()
-            max_obj = args.objects if set_name == "synthetic" else args.real_objects
-            r = interactive_miou(pred, images, labels, args.clicks, max_objects=max_obj)
-            dt = time.perf_counter() - t0
-            vals = " | ".join(f"{r[c]:.3f}" for c in cols)
-            print(f"| {name} | {set_name} | {r['objects']} | {vals} | {dt:.0f} |", flush=True)
-            results.append({"model": name, "set": set_name, **r, "seconds": dt})
-        if args.volumes:
-            t0 = time.perf_counter()
-            real = None
-            if args.real3d:
-                import tifffile
-
-                real = (tifffile.imread(args.real3d[0]), tifffile.imread(args.real3d[1]))
-            for kind, r in dice_from_one_box(model, args.volumes, real).items():
-                print(
-                    f"| {name} | 3D {kind}: box on the middle slice, then propagation | "
-                    f"{r['objects']} | 3D Dice {r['dice']:.3f} | first / last slice "
-                    f"{r['start_error']:+.1f} / {r['end_error']:+.1f} | volume x "
-                    f"{r['volume_ratio_median']:.2f} |"
-                    + " |" * (len(cols) - 3)
-                    + f" {time.perf_counter() - t0:.0f} |",
-                    flush=True,
-                )
-                results.append({"model": name, "set": f"3d-{kind}", **r})
+        for tta in args.tta or [None]:
+            name = name0 if tta is None else f"{name0}, tta {tta}"
+            results += measure(model, name, tta, sets, cols, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def measure(model, name, tta, sets, cols, args) -> list[dict]:
+    """Print and return the rows of one model with ``tta`` test-time views."""
+    from napari_sam.predictor import SamPredictor
+    from napari_sam.train.quality import interactive_miou
+
+    results = []
+    pred = SamPredictor(model, tta=tta)
+    for set_name, (images, labels) in sets.items():
+        t0 = time.perf_counter()
+        max_obj = args.objects if set_name == "synthetic" else args.real_objects
+        r = interactive_miou(pred, images, labels, args.clicks, max_objects=max_obj)
+        dt = time.perf_counter() - t0
+        vals = " | ".join(f"{r[c]:.3f}" for c in cols)
+        print(f"| {name} | {set_name} | {r['objects']} | {vals} | {dt:.0f} |", flush=True)
+        results.append({"model": name, "tta": pred.tta, "set": set_name, **r, "seconds": dt})
+    if args.volumes:
+        t0 = time.perf_counter()
+        real = None
+        if args.real3d:
+            import tifffile
+
+            real = (tifffile.imread(args.real3d[0]), tifffile.imread(args.real3d[1]))
+        for kind, r in dice_from_one_box(model, args.volumes, real, tta).items():
+            print(
+                f"| {name} | 3D {kind}: box on the middle slice, then propagation | "
+                f"{r['objects']} | 3D Dice {r['dice']:.3f} | first / last slice "
+                f"{r['start_error']:+.1f} / {r['end_error']:+.1f} | volume x "
+                f"{r['volume_ratio_median']:.2f} |"
+                + " |" * (len(cols) - 3)
+                + f" {time.perf_counter() - t0:.0f} |",
+                flush=True,
+            )
+            results.append({"model": name, "tta": pred.tta, "set": f"3d-{kind}", **r})
+    return results
 
 
 if __name__ == "__main__":

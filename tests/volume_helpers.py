@@ -128,7 +128,7 @@ def tiny_predictor(seed: int = 0, kind: str = "ours"):
 def twin_predictor(predictor):
     """A second predictor sharing ``predictor``'s model (for decode/encode overlap)."""
     if hasattr(predictor, "cache"):
-        return type(predictor)(predictor.model, cache_bytes=0)
+        return type(predictor)(predictor.model, cache_bytes=0, tta=predictor.tta)
     return type(predictor)(predictor.model)
 
 

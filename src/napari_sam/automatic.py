@@ -523,7 +523,7 @@ def generate_masks(
         else:
             x0, y0, x1, y1 = box
             crop_emb = _embed_crop(predictor, image[y0:y1, x0:x1])
-        decoder.set_embedding(crop_emb.features)
+        decoder.set_embedding(crop_emb.features[:1])  # the slice itself, no flipped views
         run = _CropRun(decoder, crop_emb, p, img_size)
         run.run(side, tick)
         records += run.records(box, layer, shape)
@@ -625,7 +625,7 @@ def segment_volume(
 def _generate_from_embedding(predictor, emb: _Embedding, p, decoder, should_cancel):
     model = _model_of(predictor)
     tick = _Ticker(_n_batches(p.points_per_side, p.points_per_batch), None, should_cancel)
-    decoder.set_embedding(emb.features)
+    decoder.set_embedding(emb.features[:1])
     run = _CropRun(decoder, emb, replace(p, crop_n_layers=0), int(model.image_encoder.img_size))
     run.run(p.points_per_side, tick)
     box = (0, 0, emb.original_size[1], emb.original_size[0])

@@ -14,7 +14,8 @@ On-disk layout (a zarr v3 group, ``zarr.storage.LocalStore``)::
 
     <path>/
       zarr.json        group attributes: {"napari_sam_embeddings": signature}
-      features         (Z, C, h, w) float16 (default) or float32, chunks (1, C, h, w)
+      features         (Z, C, h, w) float16 (default) or float32, chunks (1, C, h, w);
+                       with V test-time views (``SamPredictor(tta=V)``) (Z, V*C, h, w)
       slice_hash       (Z, 16) uint8, chunks (1, 16): blake2b-128 of each encoded slice
       done             (Z,) uint8, chunks (1,): 1 once features and hash of z are written
 
@@ -197,6 +198,9 @@ def _preprocess_key(predictor) -> str:
     encoder_dtype = getattr(predictor, "encoder_dtype", None)
     if encoder_dtype is not None:  # a bfloat16 encoder gives other features
         preprocess_key += f"|encoder {encoder_dtype}"
+    tta = getattr(predictor, "tta", 1)
+    if tta != 1:  # flipped views stored with each slice
+        preprocess_key += f"|tta {tta}"
     min_side = getattr(getattr(predictor, "transform", None), "min_side", None)
     if min_side is not None:  # small slices not enlarged to the input size: other features
         preprocess_key += f"|min side {min_side}"
@@ -758,7 +762,9 @@ class EmbeddingStore:
         import torch
 
         device = getattr(self.predictor, "device", None)
-        t = torch.from_numpy(np.asarray(feats, dtype=np.float32))[None]
+        views = int(getattr(self.predictor, "tta", 1))  # test-time views, stored as channels
+        t = torch.from_numpy(np.asarray(feats, dtype=np.float32))
+        t = t.reshape(views, -1, *t.shape[-2:])
         if device is not None:
             t = t.to(device)
         input_size, original_size = self._geometry
@@ -825,10 +831,8 @@ class EmbeddingStore:
         emb = self.predictor.get_embedding()
         self.encoder_runs += 1
         features = emb.features
-        if features.ndim == 4:
-            if features.shape[0] != 1:
-                raise ValueError(f"expected one image's features, got {tuple(features.shape)}")
-            features = features[0]
+        if features.ndim == 4:  # (views, C, h, w): test-time views stored as channels
+            features = features.reshape(-1, *features.shape[-2:])
         feats = features.detach().to("cpu", copy=False).float().numpy().astype(self.dtype)
         geometry = (tuple(map(int, emb.input_size)), tuple(map(int, emb.original_size)))
         if self._geometry is None:

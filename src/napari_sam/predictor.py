@@ -24,6 +24,7 @@ along the mask outlines (:mod:`napari_sam._masks`). See docs/performance.md.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -41,13 +42,24 @@ from .prompts import check_boxes, check_points
 #: Default byte budget of the in-memory embedding cache (256 SAM embeddings of 4 MiB).
 DEFAULT_CACHE_BYTES = 1 << 30
 
+#: Test-time augmentation: the (left-right, up-down) flips of the views of each slice, by
+#: number of views. Every view is encoded; prompts are flipped into each view and the
+#: views' low-res logits and predicted IoUs are averaged (docs/models.md).
+TTA_VIEWS = {
+    1: ((False, False),),
+    2: ((False, False), (True, False)),
+    4: ((False, False), (True, False), (False, True), (True, True)),
+}
+
 
 @dataclass(eq=False)
 class Embedding:
     """The image embedding of one slice and the geometry needed to use it.
 
     Attributes:
-        features: (1, C, h, w) float32 image embedding (C = 256, h = w = 64 for SAM).
+        features: (V, C, h, w) float32 image embedding (C = 256, h = w = 64 for SAM) of
+            the V views (:data:`TTA_VIEWS`; V = 1 without test-time augmentation, and
+            ``features[:1]`` is always the slice as it is).
         original_size: (H, W) of the slice given to ``set_image``.
         input_size: (h', w') of the resized slice before padding
             (``ResizeLongestSide.get_preprocess_shape(H, W, img_size)``).
@@ -155,6 +167,10 @@ class SamPredictor:
             autocast (faster on CPUs with AVX-512 BF16 / AMX and on GPUs; masks can differ
             slightly, see docs/performance.md).
         fast_decoder: use the re-associated decoder (same results up to float rounding).
+        tta: test-time augmentation views per slice (:data:`TTA_VIEWS`: 1 none, 2 with the
+            left-right flip, 4 with all flips); default the model's ``default_tta``
+            attribute (the bundled nsam models), else 1. V views cost V encoder runs, V
+            times the embedding memory and V decoder runs per prompt.
 
     A predictor holds the current slice and scratch buffers: use one per thread (several
     predictors may share a model and an :class:`EmbeddingCache` via ``predictor.cache``).
@@ -174,6 +190,7 @@ class SamPredictor:
         model_key: str | None = None,
         encoder_dtype: Literal["float32", "bfloat16"] = "float32",
         fast_decoder: bool = True,
+        tta: int | None = None,
     ) -> None:
         for attr in ("image_encoder", "prompt_encoder", "mask_decoder", "preprocess"):
             if not hasattr(model, attr):
@@ -189,7 +206,14 @@ class SamPredictor:
             contrast = Contrast()
         if not isinstance(contrast, Contrast):
             raise TypeError(f"contrast must be a napari_sam.preprocess.Contrast, got {contrast!r}")
+        if tta is None:
+            tta = int(getattr(model, "default_tta", 1))
+        if tta not in TTA_VIEWS:
+            raise ValueError(
+                f"tta must be one of {sorted(TTA_VIEWS)} (views per slice), got {tta!r}"
+            )
         self.model = model.eval()
+        self.tta = tta
         self.contrast = contrast
         self.cache = EmbeddingCache(cache_bytes)
         self.model_key = model_key
@@ -202,7 +226,7 @@ class SamPredictor:
         )
         self.encoder_runs = 0
         self._embedding: Embedding | None = None
-        self._prepared: _fast_decoder.Prepared | None = None
+        self._prepared: list[_fast_decoder.Prepared] | None = None
         self._workspace = _fast_decoder.Workspace()
 
     # ----------------------------------------------------------------- image state
@@ -246,6 +270,7 @@ class SamPredictor:
                 self.contrast.key(),
                 self.transform.key(),
                 self.encoder_dtype,
+                *(() if self.tta == 1 else (f"tta{self.tta}",)),
             )
         )
 
@@ -270,14 +295,18 @@ class SamPredictor:
     def _encode(self, rgb: np.ndarray, signature: str) -> Embedding:
         x = resize_to_input(rgb, self.transform.target_length, self.transform.min_side)
         input_size = (int(x.shape[-2]), int(x.shape[-1]))
-        x = self.model.preprocess(x.to(self.device, torch.float32))
-        if self.encoder_dtype == "bfloat16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                feats = self.model.image_encoder(x)
-        else:
-            feats = self.model.image_encoder(x)
+        views = []
+        for flip_x, flip_y in TTA_VIEWS[self.tta]:
+            dims = [d for d, f in ((-1, flip_x), (-2, flip_y)) if f]
+            v = torch.flip(x, dims) if dims else x  # flipped before padding: a flipped slice
+            v = self.model.preprocess(v.to(self.device, torch.float32))
+            if self.encoder_dtype == "bfloat16":
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    views.append(self.model.image_encoder(v).float())
+            else:
+                views.append(self.model.image_encoder(v).float())
         self.encoder_runs += 1
-        feats = feats.float().contiguous()
+        feats = torch.cat(views).contiguous()
         return Embedding(feats, (int(rgb.shape[0]), int(rgb.shape[1])), input_size, signature)
 
     def _set(self, emb: Embedding) -> None:
@@ -299,11 +328,17 @@ class SamPredictor:
             raise TypeError(f"set_embedding needs an Embedding, got {type(embedding).__name__}")
         pe = self.model.prompt_encoder
         chans = getattr(self.model.image_encoder, "out_chans", pe.embed_dim)
-        want = (1, int(chans), *map(int, pe.image_embedding_size))
+        want = (self.tta, int(chans), *map(int, pe.image_embedding_size))
         if tuple(embedding.features.shape) != want:
+            views = ""
+            if embedding.features.ndim == 4 and embedding.features.shape[0] != self.tta:
+                views = (
+                    f" (this predictor uses {self.tta} test-time view(s), the embedding has "
+                    f"{embedding.features.shape[0]}: compute it with the same tta setting)"
+                )
             raise ValueError(
                 f"embedding features have shape {tuple(embedding.features.shape)}, this model "
-                f"needs {want}: was it computed with another model?"
+                f"needs {want}{views or ': was it computed with another model?'}"
             )
         h, w = embedding.original_size
         if self.transform.input_size((h, w)) != tuple(embedding.input_size):
@@ -329,15 +364,17 @@ class SamPredictor:
                 f"No image is set: call predictor.set_image(image) (or set_embedding) before {what}()."
             )
 
-    def _get_prepared(self) -> _fast_decoder.Prepared:
+    def _get_prepared(self, view: int = 0) -> _fast_decoder.Prepared:
         if self._prepared is None:
             pe = self.model.prompt_encoder
             image_pe = pe.get_dense_pe().to(self.device)
             _, no_mask = pe(points=None, boxes=None, masks=None)
-            self._prepared = _fast_decoder.prepare(
-                self._embedding.features, image_pe, no_mask, self.model.mask_decoder
-            )
-        return self._prepared
+            feats = self._embedding.features
+            self._prepared = [
+                _fast_decoder.prepare(feats[v : v + 1], image_pe, no_mask, self.model.mask_decoder)
+                for v in range(feats.shape[0])
+            ]
+        return self._prepared[view]
 
     # ------------------------------------------------------------------ prediction
     @torch.inference_mode()
@@ -560,12 +597,37 @@ class SamPredictor:
                     f"{tuple(mask_input.shape)}"
                 )
             mask_input = mask_input.to(dev, torch.float32).expand(batch, -1, -1, -1)
+        views = TTA_VIEWS[self._embedding.features.shape[0]]
+        if len(views) == 1:
+            low_res, iou = self._decode_view(0, points, boxes, mask_input, batch, multimask_output)
+        else:
+            # each view decodes the prompts flipped like its image; its logits are flipped
+            # back and averaged with the others' (as are the predicted IoUs)
+            lows, ious = [], []
+            for v, flip in enumerate(views):
+                p, b, m = self._flip_prompts(flip, points, boxes, mask_input)
+                low, iou = self._decode_view(v, p, b, m, batch, multimask_output)
+                lows.append(self._flip_lowres(low, flip))
+                ious.append(iou)
+            low_res = torch.stack(lows).mean(0)
+            iou = torch.stack(ious).mean(0)
+        # masks at ``size`` (the slice size unless a mask_size was asked for)
+        geometry = (self.input_size, size, self.transform.target_length)
+        if return_logits:
+            masks = upsample_logits(low_res, *geometry)
+        else:
+            masks = upsample_binary(low_res, *geometry, getattr(self.model, "mask_threshold", 0.0))
+        return masks, iou, low_res
+
+    def _decode_view(self, view, points, boxes, mask_input, batch, multimask_output):
+        """Low-res logits and predicted IoUs of one view's embedding (prompts in its frame)."""
+        pe = self.model.prompt_encoder
         sparse, dense = pe(points=points, boxes=boxes, masks=mask_input)
         if sparse.shape[0] != batch:  # e.g. only a mask prompt
             sparse = sparse.expand(batch, -1, -1)
-        low_res, iou = _fast_decoder.decode(
+        return _fast_decoder.decode(
             self.model.mask_decoder,
-            self._get_prepared(),
+            self._get_prepared(view),
             sparse,
             # prompt encoders that render points/boxes into the dense prompt (the project's
             # nsam models) need their dense output even without a mask prompt
@@ -574,13 +636,59 @@ class SamPredictor:
             fast=self.fast_decoder,
             ws=self._workspace,
         )
-        # masks at ``size`` (the slice size unless a mask_size was asked for)
-        geometry = (self.input_size, size, self.transform.target_length)
-        if return_logits:
-            masks = upsample_logits(low_res, *geometry)
-        else:
-            masks = upsample_binary(low_res, *geometry, getattr(self.model, "mask_threshold", 0.0))
-        return masks, iou, low_res
+
+    def _flip_prompts(self, flip, points, boxes, mask_input):
+        """Prompts (input frame) mirrored like the view ``flip = (left-right, up-down)``.
+
+        Pixel x of the resized slice (width w') is pixel w' - 1 - x of the flipped one.
+        """
+        h, w = self.input_size
+        if points is not None:
+            coords, labels = points
+            coords = coords.clone()
+            for axis, (f, side) in enumerate(zip(flip, (w, h), strict=True)):
+                if f:
+                    coords[..., axis] = side - 1 - coords[..., axis]
+            points = (coords, labels)
+        if boxes is not None:
+            boxes = boxes.clone()
+            for axis, (f, side) in enumerate(zip(flip, (w, h), strict=True)):
+                if f:
+                    lo, hi = boxes[:, axis].clone(), boxes[:, axis + 2].clone()
+                    boxes[:, axis], boxes[:, axis + 2] = side - 1 - hi, side - 1 - lo
+        if mask_input is not None:
+            mask_input = self._flip_lowres(mask_input, flip)
+        return points, boxes, mask_input
+
+    def _flip_lowres(self, logits: torch.Tensor, flip) -> torch.Tensor:
+        """Low-res logits ``(..., 4h, 4w)`` mirrored like the view: only the part that covers
+        the slice (the rest of the frame is padding)."""
+        h, w = self.input_size
+        cells = logits.shape[-1] / self.transform.target_length  # low-res cells per pixel
+        if flip[0]:
+            logits = _flip_axis(logits, logits.ndim - 1, w * cells)
+        if flip[1]:
+            logits = _flip_axis(logits, logits.ndim - 2, h * cells)
+        return logits
+
+
+def _flip_axis(t: torch.Tensor, dim: int, extent: float) -> torch.Tensor:
+    """Mirror the first ``extent`` cells of ``t`` along ``dim`` (cells beyond stay as they
+    are). Cell j takes the value at ``extent - 1 - j``, linearly interpolated when
+    ``extent`` is fractional (a slice side that is not a whole number of low-res cells)."""
+    length = t.shape[dim]
+    n = min(length, math.ceil(extent))
+    src = (extent - 1 - torch.arange(n, dtype=torch.float32, device=t.device)).clamp(0, length - 1)
+    i0 = src.floor().long()
+    w = src - i0
+    i1 = (i0 + 1).clamp(max=length - 1)
+    shape = [1] * t.ndim
+    shape[dim] = n
+    w = w.view(shape).to(t.dtype)
+    flipped = t.index_select(dim, i0) * (1 - w) + t.index_select(dim, i1) * w
+    out = t.clone()
+    out.narrow(dim, 0, n).copy_(flipped)
+    return out
 
 
 def _check_mask_size(mask_size, default) -> tuple[int, int]:

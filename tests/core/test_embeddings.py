@@ -333,3 +333,27 @@ def test_open_cached_store(tmp_path, predictor, stack, monkeypatch):
     mem, note = open_cached_store(stack, predictor, axis=0, model_name="tiny")
     assert mem.path is None and "memory only" in note and "NAPARI_SAM_EMBEDDINGS" in note
     assert mem.get(0).features.shape[0] == 1
+
+
+def test_test_time_views_are_stored_and_restored(tmp_path, predictor, stack):
+    """A predictor with flipped views (tta=4) stores all views of each slice; reading them
+    back gives the same embedding and predictions as encoding, and a store written
+    without views is not reused for it."""
+    from napari_sam.predictor import SamPredictor
+
+    aug = SamPredictor(predictor.model, cache_bytes=0, tta=4)
+    path = tmp_path / "e.zarr"
+    store = EmbeddingStore(stack, aug, path, dtype="float32")
+    emb = store.get(4)
+    ref = _direct(aug, stack[4])
+    assert ref.shape[0] == 4 and torch.equal(emb.features, ref)
+    again = EmbeddingStore(stack, aug, path, dtype="float32")
+    assert torch.equal(again.get(4).features, ref)
+    box = np.array([8.0, 8.0, 30.0, 34.0])
+    twin = SamPredictor(predictor.model, cache_bytes=0, tta=4)
+    again.set_predictor_slice(twin, 4)
+    direct = aug.predict(box=box)
+    for u, v in zip(twin.predict(box=box), direct, strict=True):
+        np.testing.assert_array_equal(u, v)
+    with pytest.raises(EmbeddingMismatchError, match="preprocessing"):
+        EmbeddingStore(stack, predictor, path, dtype="float32")

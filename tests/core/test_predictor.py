@@ -656,3 +656,149 @@ def test_input_min_side_keeps_small_slices_at_their_own_scale(sam):
         assert pred.input_size == (128, 85)
     finally:
         del sam.input_min_side
+
+
+# --------------------------------------------------------- test-time augmentation
+def _flip_frame(a, fx: bool, fy: bool, extent: tuple[int, int]) -> np.ndarray:
+    """Mirror the first ``extent = (rows, cols)`` cells of the last two axes (columns
+    0..cols-1 of every row left-right, rows 0..rows-1 up-down; a reference for whole-cell
+    extents)."""
+    a = np.array(a, copy=True)
+    r, c = extent
+    if fx:
+        a[..., :c] = a[..., :c][..., ::-1]
+    if fy:
+        a[..., :r, :] = a[..., :r, :][..., ::-1, :]
+    return a
+
+
+def _flip_prompts_np(flip, hw, coords=None, box=None):
+    (fx, fy), (h, w) = flip, hw
+    out = []
+    if coords is not None:
+        c = np.array(coords, float)
+        if fx:
+            c[:, 0] = w - 1 - c[:, 0]
+        if fy:
+            c[:, 1] = h - 1 - c[:, 1]
+        out.append(c)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        if fx:
+            x0, x1 = w - 1 - x1, w - 1 - x0
+        if fy:
+            y0, y1 = h - 1 - y1, h - 1 - y0
+        out.append(np.array([x0, y0, x1, y1], float))
+    return out
+
+
+TTA_IMAGE_HW = (96, 128)  # no resizing at S = 128; low-res cells cover 24 x 32 of 32 x 32
+
+
+@pytest.mark.parametrize("tta", [2, 4])
+def test_tta_averages_the_flipped_views(sam, tta):
+    """tta=V gives the mean of V plain predictions, each on the flipped slice with flipped
+    points, box and mask prompt, its logits flipped back (a reference built from tta=1)."""
+    from napari_sam.predictor import TTA_VIEWS
+
+    img = _smooth_image(*TTA_IMAGE_HW)
+    img[20:50, 70:110] = 250  # break the symmetry of the smooth pattern
+    coords, labels = np.array([[90.0, 30.0], [20.0, 70.0]]), np.array([1, 0])
+    box = np.array([60.0, 12.0, 115.0, 58.0])
+    aug = SamPredictor(sam, tta=tta, cache_bytes=0)
+    aug.set_image(img)
+    assert aug.get_embedding().features.shape == (tta, 256, 8, 8)
+    _, iou1, low1 = aug.predict(coords, labels, box=box)
+    masks2, iou2, low2 = aug.predict(coords, labels, box=box, mask_input=low1[[0]])
+
+    plain = SamPredictor(sam, tta=1, cache_bytes=0)
+    extent = (24, 32)
+    ref_low1, ref_iou1, ref_low2, ref_iou2 = [], [], [], []
+    for flip in TTA_VIEWS[tta]:
+        c, b = _flip_prompts_np(flip, TTA_IMAGE_HW, coords, box)
+        plain.set_image(
+            _flip_frame(img.transpose(2, 0, 1), *flip, TTA_IMAGE_HW).transpose(1, 2, 0)
+        )
+        _, i1, l1 = plain.predict(c, labels, box=b)
+        m_in = _flip_frame(low1[[0]], *flip, extent)
+        _, i2, l2 = plain.predict(c, labels, box=b, mask_input=m_in)
+        ref_low1.append(_flip_frame(l1, *flip, extent))
+        ref_low2.append(_flip_frame(l2, *flip, extent))
+        ref_iou1.append(i1)
+        ref_iou2.append(i2)
+    _close(low1, np.mean(ref_low1, 0), rel=1e-5)
+    _close(iou1, np.mean(ref_iou1, 0), rel=1e-5)
+    _close(low2, np.mean(ref_low2, 0), rel=1e-5)
+    _close(iou2, np.mean(ref_iou2, 0), rel=1e-5)
+    np.testing.assert_array_equal(
+        masks2, plain.masks_from_logits(low2, original_size=TTA_IMAGE_HW)
+    )
+    # the views differ (else averaging would be a no-op and this test would prove nothing)
+    assert np.abs(ref_low1[0] - ref_low1[1]).max() > 0.1
+
+
+def test_tta_predictions_are_equivariant_under_the_flips(sam):
+    """With all four flips, predicting on a flipped slice with flipped prompts gives the
+    flipped low-res logits of the original over the slice (the average runs over a group
+    of flips; the padding cells beyond the slice are not mirrored)."""
+    img = _smooth_image(*TTA_IMAGE_HW)
+    img[10:40, 20:60] = 240
+    coords, labels = np.array([[40.0, 25.0]]), np.array([1])
+    box = np.array([15.0, 5.0, 70.0, 45.0])
+    extent = (24, 32)
+    pred = SamPredictor(sam, tta=4, cache_bytes=0)
+    pred.set_image(img)
+    _, iou, low = pred.predict(coords, labels, box=box)
+    for flip in [(True, False), (False, True), (True, True)]:
+        c, b = _flip_prompts_np(flip, TTA_IMAGE_HW, coords, box)
+        pred.set_image(_flip_frame(img.transpose(2, 0, 1), *flip, TTA_IMAGE_HW).transpose(1, 2, 0))
+        _, io, lw = pred.predict(c, labels, box=b)
+        _close(_flip_frame(lw, *flip, extent)[:, :24], low[:, :24], rel=1e-5)
+        _close(io, iou, rel=1e-5)
+    # a plain predictor is not equivariant: the test above can fail
+    plain = SamPredictor(sam, tta=1, cache_bytes=0)
+    plain.set_image(img)
+    low0 = plain.predict(coords, labels, box=box)[2]
+    c, b = _flip_prompts_np((True, False), TTA_IMAGE_HW, coords, box)
+    plain.set_image(np.ascontiguousarray(img[:, ::-1]))
+    low1 = plain.predict(c, labels, box=b)[2]
+    assert np.abs(_flip_frame(low1, True, False, extent) - low0)[:, :24].max() > 0.1
+
+
+def test_flip_of_a_fractional_extent_interpolates():
+    from napari_sam.predictor import _flip_axis
+
+    v = torch.arange(5.0)
+    np.testing.assert_allclose(_flip_axis(v, 0, 2.5).numpy(), [1.5, 0.5, 0.0, 3.0, 4.0])
+    np.testing.assert_allclose(_flip_axis(v, 0, 4).numpy(), [3.0, 2.0, 1.0, 0.0, 4.0])
+    t = torch.randn(2, 6, 7)
+    torch.testing.assert_close(_flip_axis(_flip_axis(t, 2, 5), 2, 5), t)
+
+
+def test_tta_settings_cache_and_embeddings(sam):
+    img = _smooth_image(45, 64)
+    with pytest.raises(ValueError, match="tta must be one of"):
+        SamPredictor(sam, tta=3)
+    plain, aug = SamPredictor(sam), SamPredictor(sam, tta=4)
+    assert plain.tta == 1 and aug.tta == 4
+    assert plain.signature(img) != aug.signature(img)  # other features: other cache entry
+    sam.default_tta = 2  # the bundled nsam models set this from their config
+    try:
+        assert SamPredictor(sam).tta == 2 and SamPredictor(sam, tta=1).tta == 1
+    finally:
+        del sam.default_tta
+    aug.set_image(img)
+    emb = aug.get_embedding()
+    assert emb.features.shape == (4, 256, 8, 8) and emb.nbytes == 4 * 256 * 64 * 4
+    assert aug.encoder_runs == 1
+    torch.testing.assert_close(emb.features[:1], (plain.set_image(img), plain.features)[1])
+    with pytest.raises(ValueError, match="4 test-time view"):
+        aug.set_embedding(plain.get_embedding())
+    other = SamPredictor(sam, tta=4)
+    other.set_embedding(emb)
+    for u, v in zip(aug.predict(**POINT), other.predict(**POINT), strict=True):
+        np.testing.assert_array_equal(u, v)
+    # odd sizes: low-res extents of 18.75 x 25.25 cells are flipped by interpolation
+    aug.set_image(_smooth_image(75, 101))
+    m, _, low = aug.predict(box=np.array([10.0, 10.0, 60.0, 50.0]), multimask_output=False)
+    assert m.shape == (1, 75, 101) and np.isfinite(low).all()
