@@ -80,9 +80,16 @@ class ModelChoice:
     needs_download: bool = False
     make_predictor: Callable = field(default=_default_predictor)
 
-    def predictors(self, model, contrast: ContrastSetting | None = None):
+    def predictors(self, model, contrast: ContrastSetting | None = None, tta: int | None = None):
+        """(decoder, encoder) predictors; ``tta`` sets their test-time views (None: the
+        model's default; predictors without views ignore it)."""
         contrast = contrast or ContrastSetting()
-        return self.make_predictor(model, contrast), self.make_predictor(model, contrast)
+        pair = self.make_predictor(model, contrast), self.make_predictor(model, contrast)
+        if tta is not None:
+            for p in pair:
+                if hasattr(p, "tta"):
+                    p.tta = tta
+        return pair
 
 
 def _registry_choices() -> list[ModelChoice]:

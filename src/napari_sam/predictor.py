@@ -208,12 +208,8 @@ class SamPredictor:
             raise TypeError(f"contrast must be a napari_sam.preprocess.Contrast, got {contrast!r}")
         if tta is None:
             tta = int(getattr(model, "default_tta", 1))
-        if tta not in TTA_VIEWS:
-            raise ValueError(
-                f"tta must be one of {sorted(TTA_VIEWS)} (views per slice), got {tta!r}"
-            )
+        self._tta = _check_tta(tta)
         self.model = model.eval()
-        self.tta = tta
         self.contrast = contrast
         self.cache = EmbeddingCache(cache_bytes)
         self.model_key = model_key
@@ -230,6 +226,19 @@ class SamPredictor:
         self._workspace = _fast_decoder.Workspace()
 
     # ----------------------------------------------------------------- image state
+    @property
+    def tta(self) -> int:
+        """Test-time views per slice (:data:`TTA_VIEWS`). Setting another value forgets the
+        current slice (cached embeddings stay, under their own setting)."""
+        return self._tta
+
+    @tta.setter
+    def tta(self, value: int) -> None:
+        value = _check_tta(value)
+        if value != self._tta:
+            self._tta = value
+            self.reset_image()
+
     @property
     def device(self) -> torch.device:
         mean = getattr(self.model, "pixel_mean", None)
@@ -322,23 +331,25 @@ class SamPredictor:
     def set_embedding(self, embedding: Embedding) -> None:
         """Make a stored embedding current (no encoder run); caches it if it has a signature.
 
-        Raises ValueError when its shape does not fit this model.
+        An embedding with more test-time views than this predictor uses serves it with its
+        first ``tta`` views (the views of :data:`TTA_VIEWS` nest: view 0 is the slice).
+        Raises ValueError when its shape does not fit this model or it has too few views.
         """
         if not isinstance(embedding, Embedding):
             raise TypeError(f"set_embedding needs an Embedding, got {type(embedding).__name__}")
         pe = self.model.prompt_encoder
         chans = getattr(self.model.image_encoder, "out_chans", pe.embed_dim)
-        want = (self.tta, int(chans), *map(int, pe.image_embedding_size))
-        if tuple(embedding.features.shape) != want:
-            views = ""
-            if embedding.features.ndim == 4 and embedding.features.shape[0] != self.tta:
-                views = (
-                    f" (this predictor uses {self.tta} test-time view(s), the embedding has "
-                    f"{embedding.features.shape[0]}: compute it with the same tta setting)"
-                )
+        want = (int(chans), *map(int, pe.image_embedding_size))
+        shape = tuple(embedding.features.shape)
+        if len(shape) != 4 or shape[1:] != want:
             raise ValueError(
-                f"embedding features have shape {tuple(embedding.features.shape)}, this model "
-                f"needs {want}{views or ': was it computed with another model?'}"
+                f"embedding features have shape {shape}, this model needs "
+                f"(views, {', '.join(map(str, want))}): was it computed with another model?"
+            )
+        if shape[0] not in TTA_VIEWS or shape[0] < self.tta:
+            raise ValueError(
+                f"the embedding has {shape[0]} test-time view(s), this predictor uses "
+                f"{self.tta} (tta={self.tta}): compute it with tta >= {self.tta}"
             )
         h, w = embedding.original_size
         if self.transform.input_size((h, w)) != tuple(embedding.input_size):
@@ -351,6 +362,8 @@ class SamPredictor:
             feats, (int(h), int(w)), tuple(map(int, embedding.input_size)), embedding.signature
         )
         self.cache.put(emb)
+        if shape[0] > self.tta:  # more views than used: the first ones (TTA_VIEWS nest)
+            emb = Embedding(feats[: self.tta], emb.original_size, emb.input_size, "")
         self._set(emb)
 
     def reset_image(self) -> None:
@@ -670,6 +683,12 @@ class SamPredictor:
         if flip[1]:
             logits = _flip_axis(logits, logits.ndim - 2, h * cells)
         return logits
+
+
+def _check_tta(tta) -> int:
+    if isinstance(tta, bool) or tta not in TTA_VIEWS:
+        raise ValueError(f"tta must be one of {sorted(TTA_VIEWS)} (views per slice), got {tta!r}")
+    return int(tta)
 
 
 def _flip_axis(t: torch.Tensor, dim: int, extent: float) -> torch.Tensor:

@@ -792,8 +792,24 @@ def test_tta_settings_cache_and_embeddings(sam):
     assert emb.features.shape == (4, 256, 8, 8) and emb.nbytes == 4 * 256 * 64 * 4
     assert aug.encoder_runs == 1
     torch.testing.assert_close(emb.features[:1], (plain.set_image(img), plain.features)[1])
-    with pytest.raises(ValueError, match="4 test-time view"):
+    with pytest.raises(ValueError, match="1 test-time view.*uses 4"):
         aug.set_embedding(plain.get_embedding())
+    # fewer views than stored: the first ones serve (view 0 is the slice itself)
+    plain2 = SamPredictor(sam, tta=1)
+    plain2.set_embedding(emb)
+    assert plain2.features.shape[0] == 1
+    for u, v in zip(plain2.predict(**POINT), plain.predict(**POINT), strict=True):
+        np.testing.assert_array_equal(u, v)
+    two = SamPredictor(sam, tta=2)
+    two.set_embedding(emb)
+    ref2 = SamPredictor(sam, tta=2)
+    ref2.set_image(img)
+    for u, v in zip(two.predict(**POINT), ref2.predict(**POINT), strict=True):
+        np.testing.assert_array_equal(u, v)
+    two.tta = 4  # another setting: the slice must be set again
+    assert not two.is_image_set
+    with pytest.raises(ValueError, match="tta must be one of"):
+        two.tta = 8
     other = SamPredictor(sam, tta=4)
     other.set_embedding(emb)
     for u, v in zip(aug.predict(**POINT), other.predict(**POINT), strict=True):

@@ -247,7 +247,10 @@ class VolumeActions:
         ann = self.annotator
         if self._prop_decoder is None or self._prop_decoder[0] is not ann:
             choice, model, contrast = self._volume_model
-            self._prop_decoder = (ann, choice.make_predictor(model, contrast))
+            decoder = choice.make_predictor(model, contrast)
+            if hasattr(decoder, "tta") and hasattr(ann.predictor, "tta"):
+                decoder.tta = ann.predictor.tta  # the session's views (the store has them)
+            self._prop_decoder = (ann, decoder)
         return self._prop_decoder[1]
 
     def _volume_key(self, action: str):

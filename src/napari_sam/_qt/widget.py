@@ -68,6 +68,16 @@ CONTRASTS = {
     "full range (min-max)": lambda layer: ContrastSetting("minmax"),
 }
 
+#: Test-time flip views (``SamPredictor.tta``) by dock entry. None: the model's own default
+#: (4 for the bundled nsam_s, 1 for SAM's) on 2D images and none on stacks, where every
+#: slice would cost 4x encoder time and embedding disk while propagation gained nothing
+#: (docs/models.md, "Test-time flips").
+FLIPS = {
+    "auto (model default; off on stacks)": None,
+    "off": 1,
+    "4 views (slice + 3 flips)": 4,
+}
+
 
 class SamWidget(VolumeActions, QWidget):
     """Interactive SAM annotation of the current 2D slice of an image layer.
@@ -173,8 +183,21 @@ class SamWidget(VolumeActions, QWidget):
         self.device_combo.addItems(available_devices())
         self.contrast_combo = QComboBox()
         self.contrast_combo.addItems(list(CONTRASTS))
+        self.flips_combo = QComboBox()
+        self.flips_combo.addItems(list(FLIPS))
+        self.flips_combo.setToolTip(
+            "Test-time flips: also segment the left-right / up-down flipped slice and average "
+            "(better masks; 4x encoder time and embedding memory, ~4x decoder time per click)"
+        )
 
-        for combo in (self.image_combo, self.model_combo, self.device_combo, self.contrast_combo):
+        combos = (
+            self.image_combo,
+            self.model_combo,
+            self.device_combo,
+            self.contrast_combo,
+            self.flips_combo,
+        )
+        for combo in combos:
             # long model names must not widen the dock (the canvas needs the room)
             combo.setSizeAdjustPolicy(
                 QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
@@ -185,6 +208,7 @@ class SamWidget(VolumeActions, QWidget):
         form.addRow("Model", self.model_combo)
         form.addRow("Device", self.device_combo)
         form.addRow("Contrast", self.contrast_combo)
+        form.addRow("Flips", self.flips_combo)
 
         self.model_note = QLabel(
             "UNTRAINED model (testing): its masks are random. Pick a trained model for real work."
@@ -272,6 +296,7 @@ class SamWidget(VolumeActions, QWidget):
         self.model_combo.currentIndexChanged.connect(self._on_model_combo)
         self.device_combo.currentIndexChanged.connect(lambda *_: self._setup())
         self.contrast_combo.currentIndexChanged.connect(lambda *_: self._setup())
+        self.flips_combo.currentIndexChanged.connect(lambda *_: self._setup())
 
     # ============================================================ viewer events
     def _connect_viewer(self):
@@ -488,8 +513,11 @@ class SamWidget(VolumeActions, QWidget):
         data = L.image_data(layer)
         spatial = check_image_shape(data.shape, layer.rgb)
         contrast = CONTRASTS[self.contrast_combo.currentText()](layer)
+        tta = FLIPS[self.flips_combo.currentText()]
+        if tta is None and len(spatial) == 3:
+            tta = 1  # stacks: no flipped views unless asked for
         try:
-            predictor, encoder = choice.predictors(model, contrast)
+            predictor, encoder = choice.predictors(model, contrast, tta=tta)
         except Exception as e:  # noqa: BLE001 - shown to the user
             self._set_banner(f"Could not set up the predictor: {e}")
             return
