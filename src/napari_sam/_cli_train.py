@@ -92,7 +92,7 @@ def _overrides(args) -> dict:
 
 def run(args) -> int:
     from napari_sam.train import loop
-    from napari_sam.train.recipes import INFERENCE, recipe
+    from napari_sam.train.recipes import recipe
 
     if bool(args.images) != bool(args.labels):
         raise ValueError("--images and --labels must be given together")
@@ -153,8 +153,6 @@ def run(args) -> int:
         prev = loop.weights_path(cfg)
     if args.export:
         best = loop.load_best(prev)
-        if args.recipe:  # the recipe's inference settings (e.g. test-time views)
-            best["model"].nsam_config.update(INFERENCE.get(args.recipe, {}))
         info = loop.export_weights(best["model"], args.export, best["metrics"])
         print(f"exported {info['file']} ({info['bytes'] / 1e6:.1f} MB) sha256 {info['sha256']}")
     return 0

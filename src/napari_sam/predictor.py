@@ -168,9 +168,8 @@ class SamPredictor:
             slightly, see docs/performance.md).
         fast_decoder: use the re-associated decoder (same results up to float rounding).
         tta: test-time augmentation views per slice (:data:`TTA_VIEWS`: 1 none, 2 with the
-            left-right flip, 4 with all flips); default the model's ``default_tta``
-            attribute (the bundled nsam models), else 1. V views cost V encoder runs, V
-            times the embedding memory and V decoder runs per prompt.
+            left-right flip, 4 with all flips). V views cost V encoder runs, V times the
+            embedding memory and V decoder runs per prompt (docs/models.md).
 
     A predictor holds the current slice and scratch buffers: use one per thread (several
     predictors may share a model and an :class:`EmbeddingCache` via ``predictor.cache``).
@@ -190,7 +189,7 @@ class SamPredictor:
         model_key: str | None = None,
         encoder_dtype: Literal["float32", "bfloat16"] = "float32",
         fast_decoder: bool = True,
-        tta: int | None = None,
+        tta: int = 1,
     ) -> None:
         for attr in ("image_encoder", "prompt_encoder", "mask_decoder", "preprocess"):
             if not hasattr(model, attr):
@@ -206,8 +205,6 @@ class SamPredictor:
             contrast = Contrast()
         if not isinstance(contrast, Contrast):
             raise TypeError(f"contrast must be a napari_sam.preprocess.Contrast, got {contrast!r}")
-        if tta is None:
-            tta = int(getattr(model, "default_tta", 1))
         self._tta = _check_tta(tta)
         self.model = model.eval()
         self.contrast = contrast

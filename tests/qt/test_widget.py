@@ -450,38 +450,31 @@ def test_capped_candidates_overlay_the_image_and_commit_full_resolution(
 
 
 def test_flips_setting_sets_the_predictors_test_time_views(open_widget, qtbot, models):
-    """ "4 views" makes the session's predictors average flipped views (the masks of a
-    tta=4 predictor); "auto" takes the model's default on 2D images and none on stacks."""
+    """Flips are off by default; "4 views" gives the masks of a tta=4 predictor (prompts
+    kept), on 2D images and stacks, and propagation decodes with the same views."""
+    from napari_sam.predictor import SamPredictor
+
     img = blob_image((64, 96))
     model = models(0)
-    model.default_tta = 4  # as the bundled nsam_s declares
-    try:
-        viewer, w = open_widget(img)
-        assert w.flips_combo.currentText().startswith("auto")
-        assert w.annotator.predictor.tta == 4 and w.annotator.encoder.tta == 4
-        w.points_layer.add([[40, 50]])
-        wait_idle(qtbot, w)
-        p = make_predictor(model)
-        assert p.tta == 4
-        p.set_image(img)
-        want = p.predict(np.array([[50.0, 40.0]]), np.array([1]))[0]
-        np.testing.assert_array_equal(masks_of(w), want)
-        w.flips_combo.setCurrentText("off")
-        wait_idle(qtbot, w)
-        assert w.annotator.predictor.tta == 1 and w.annotator.encoder.tta == 1
-        assert len(w.annotator.prompts.points) == 1  # prompts carried over
-        p.tta = 1
-        p.set_image(img)
-        np.testing.assert_array_equal(
-            masks_of(w), p.predict(np.array([[50.0, 40.0]]), np.array([1]))[0]
-        )
-        assert not np.array_equal(masks_of(w), want)
+    viewer, w = open_widget(img)
+    assert w.flips_combo.currentText() == "off"
+    assert w.annotator.predictor.tta == 1 and w.annotator.encoder.tta == 1
+    w.points_layer.add([[40, 50]])
+    wait_idle(qtbot, w)
+    plain = masks_of(w)
+    w.flips_combo.setCurrentText("4 views (slice + 3 flips)")
+    wait_idle(qtbot, w)
+    assert w.annotator.predictor.tta == 4 and w.annotator.encoder.tta == 4
+    assert len(w.annotator.prompts.points) == 1  # prompts carried over
+    p = SamPredictor(model, tta=4)
+    p.set_image(img)
+    want = p.predict(np.array([[50.0, 40.0]]), np.array([1]))[0]
+    np.testing.assert_array_equal(masks_of(w), want)
+    assert not np.array_equal(plain, want)  # the views changed the masks
 
-        vol = blob_image((3, 48, 64))
-        viewer2, w2 = open_widget(vol)
-        assert w2.annotator.predictor.tta == 1  # auto: no flipped views on stacks
-        w2.flips_combo.setCurrentText("4 views (slice + 3 flips)")
-        wait_idle(qtbot, w2)
-        assert w2.annotator.predictor.tta == 4 and w2.annotator.encoder.tta == 4
-    finally:
-        del model.default_tta
+    vol = blob_image((3, 48, 64))
+    viewer2, w2 = open_widget(vol)
+    w2.flips_combo.setCurrentText("4 views (slice + 3 flips)")
+    wait_idle(qtbot, w2)
+    assert w2.annotator.predictor.tta == 4 and w2.annotator.encoder.tta == 4
+    assert w2._decoder().tta == 4

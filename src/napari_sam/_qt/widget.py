@@ -68,12 +68,9 @@ CONTRASTS = {
     "full range (min-max)": lambda layer: ContrastSetting("minmax"),
 }
 
-#: Test-time flip views (``SamPredictor.tta``) by dock entry. None: the model's own default
-#: (4 for the bundled nsam_s, 1 for SAM's) on 2D images and none on stacks, where every
-#: slice would cost 4x encoder time and embedding disk while propagation gained nothing
-#: (docs/models.md, "Test-time flips").
+#: Test-time flip views (``SamPredictor.tta``) by dock entry: off by default, because four
+#: views make every click ~4x slower to decode (docs/models.md, "Test-time flips").
 FLIPS = {
-    "auto (model default; off on stacks)": None,
     "off": 1,
     "4 views (slice + 3 flips)": 4,
 }
@@ -186,8 +183,9 @@ class SamWidget(VolumeActions, QWidget):
         self.flips_combo = QComboBox()
         self.flips_combo.addItems(list(FLIPS))
         self.flips_combo.setToolTip(
-            "Test-time flips: also segment the left-right / up-down flipped slice and average "
-            "(better masks; 4x encoder time and embedding memory, ~4x decoder time per click)"
+            "Test-time flips: also segment the left-right, up-down and doubly flipped slice "
+            "and average the four (better masks; 4x encoder time and embedding memory, "
+            "~4x decoder time per click)"
         )
 
         combos = (
@@ -514,8 +512,6 @@ class SamWidget(VolumeActions, QWidget):
         spatial = check_image_shape(data.shape, layer.rgb)
         contrast = CONTRASTS[self.contrast_combo.currentText()](layer)
         tta = FLIPS[self.flips_combo.currentText()]
-        if tta is None and len(spatial) == 3:
-            tta = 1  # stacks: no flipped views unless asked for
         try:
             predictor, encoder = choice.predictors(model, contrast, tta=tta)
         except Exception as e:  # noqa: BLE001 - shown to the user

@@ -63,10 +63,6 @@ NSAM_S: dict = {
     # weights without the skip starts out identical) to its up-scaled image features, which
     # gives the masks the image's own edges at the output's resolution.
     "hires_chans": 0,
-    # inference: test-time views per slice that SamPredictor uses by default for this model
-    # (napari_sam.predictor.TTA_VIEWS: 1 none, 4 = the slice and its three flips). The
-    # shipped nsam_s sets 4 (docs/models.md); training and fine-tuning leave it as it is.
-    "tta": 1,
 }
 
 
@@ -369,7 +365,6 @@ def build_nsam(
     model = parts.Sam(encoder, prompt_encoder, decoder)
     model.nsam_config = cfg
     model.input_min_side = cfg["input_min_side"]
-    model.default_tta = int(cfg["tta"])
     if checkpoint is not None:
         if isinstance(checkpoint, Mapping):
             state = checkpoint

@@ -228,12 +228,6 @@ RECIPES["nsam_s5"] = [
 ]
 
 
-#: Inference settings written into the exported config (``napari-sam train --recipe NAME
-#: --export``): the shipped nsam_s predicts with its four flipped views (session 7,
-#: docs/models.md); training and its evaluations run without them.
-INFERENCE = {"nsam_s5": {"tta": 4}}
-
-
 def recipe(name: str) -> list[dict]:
     """The phases of recipe ``name`` (copies)."""
     if name not in RECIPES:
