@@ -103,7 +103,7 @@ MODES = {
 }
 
 
-def bench_size(viewer, widget_cls, choice, size, events, mode):
+def bench_size(viewer, widget_cls, choice, size, events, mode, flips="off"):
     import threading
 
     from qtpy.QtWidgets import QApplication
@@ -111,6 +111,7 @@ def bench_size(viewer, widget_cls, choice, size, events, mode):
     img = test_image(size)
     viewer.add_image(img, name=f"{size}")
     w = widget_cls(viewer, models=[choice], threaded=mode != "qt")
+    w.flips_combo.setCurrentText(flips)
     if mode == "worker":
         w.inline_decode_ms = 0.0  # never on the Qt thread
     viewer.window.add_dock_widget(w, name=f"SAM {size}")
@@ -255,12 +256,21 @@ def main(argv=None):
         "under Xvfb renders on the same CPU cores as the decoder)",
     )
     ap.add_argument("--models", nargs="+", default=["sam", "default"], choices=["sam", "default"])
+    ap.add_argument(
+        "--flips",
+        default="off",
+        help="the dock's Flips setting (off, or '4 views (slice + 3 flips)'); rows name it "
+        "when it is not off",
+    )
     ap.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
     args = ap.parse_args(argv)
 
     import napari
 
-    from napari_sam._qt.widget import SamWidget
+    from napari_sam._qt.widget import FLIPS, SamWidget
+
+    if args.flips not in FLIPS:
+        ap.error(f"--flips must be one of {list(FLIPS)}")
     from napari_sam.model_choices import ModelChoice
 
     # torch is first imported when the widget loads the model, as in napari
@@ -291,8 +301,11 @@ def main(argv=None):
         for name in args.models:
             for s in args.sizes:
                 for mode in args.modes:
-                    r = bench_size(viewer, SamWidget, choices[name], s, args.events, mode)
-                    r["canvas"], r["model"] = canvas, name
+                    r = bench_size(
+                        viewer, SamWidget, choices[name], s, args.events, mode, args.flips
+                    )
+                    r["canvas"] = canvas
+                    r["model"] = name if args.flips == "off" else f"{name}, flips {args.flips}"
                     rows.append(r)
         viewer.close()
     import torch
