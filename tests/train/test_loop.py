@@ -344,3 +344,49 @@ def test_train_only_updates_just_the_named_parameters(tmp_path):
     assert not any("image_encoder" in k for k in changed)
     with pytest.raises(ValueError, match="matches no parameter"):
         L.train(_cfg(tmp_path, out_dir=str(tmp_path / "x"), steps=1, train_only=("nope",)))
+
+
+def test_weight_average_follows_the_raw_weights_and_resumes(tmp_path):
+    """ema_decay d: after every step ema = d * ema + (1 - d) * weights (checked against the
+    raw weights seen after each step); the average is what training returns and what an
+    interrupted run restores."""
+    d = 0.6
+    cfg = _cfg(tmp_path / "a", steps=4, ema_decay=d)
+    model = L.build_model(cfg)
+    expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def follow(ev):
+        if ev["kind"] == "step":
+            for k, v in model.state_dict().items():
+                if v.is_floating_point():
+                    expected[k] = d * expected[k] + (1 - d) * v
+                else:
+                    expected[k] = v.clone()
+
+    trained, _ = L.train(cfg, callback=follow, model=model)
+    state = _state(tmp_path / "a" / "run" / "last.pt")
+    moved = 0
+    for k, v in trained.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state["ema"][k], expected[k], rtol=1e-5, atol=1e-6)
+        if v.is_floating_point():
+            moved += int(not torch.allclose(state["model"][k], v))
+    assert moved > 0  # the average differs from the raw weights
+    # interrupted after 2 steps and resumed: the same average
+    calls = {"n": 0}
+
+    def stop_after_two():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    L.train(_cfg(tmp_path / "s", steps=4, ema_decay=d))
+    straight = _state(tmp_path / "s" / "run" / "last.pt")
+    cfg_b = _cfg(tmp_path / "b", steps=4, ema_decay=d)
+    L.train(cfg_b, should_stop=stop_after_two)
+    assert _state(tmp_path / "b" / "run" / "last.pt")["step"] == 2
+    L.train(cfg_b)
+    resumed = _state(tmp_path / "b" / "run" / "last.pt")
+    for k in straight["ema"]:
+        assert torch.equal(resumed["ema"][k], straight["ema"][k]), k
+    with pytest.raises(ValueError, match="ema_decay"):
+        L.train(_cfg(tmp_path / "c", steps=1, ema_decay=1.0))

@@ -111,6 +111,10 @@ class TrainConfig:
     eval_clicks: int = 3
     eval_seed: int = 1_000_000  # held-out synthetic seeds start here (training never uses them)
     patience: int = 0  # early stop after this many evaluations without improvement (0: off)
+    # 0: off. d in (0, 1): keep an exponential moving average of the weights (after each
+    # step ema = d * ema + (1 - d) * weights; BatchNorm statistics too); evaluations,
+    # best.pt and the returned model use the average, training continues on the raw weights
+    ema_decay: float = 0.0
     resume: bool = True
 
     def to_json(self) -> dict:
@@ -648,12 +652,13 @@ def _set_rng_state(rng, state, torch):
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(path, model, opt, step, rng, cfg, history, best, torch) -> None:
-    """Atomic write of the full training state to ``path``."""
+def save_checkpoint(path, model, opt, step, rng, cfg, history, best, torch, ema=None) -> None:
+    """Atomic write of the full training state to ``path`` (``ema``: the weight average)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     state = {
         "model": model.state_dict(),
+        **({"ema": ema} if ema is not None else {}),
         "optimizer": opt.state_dict(),
         "step": step,
         "rng": _rng_state(rng, torch),
@@ -726,7 +731,8 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     model=None,
 ):
-    """Train (or resume) and return ``(model, history)``.
+    """Train (or resume) and return ``(model, history)`` (with ``cfg.ema_decay`` the model
+    holds the weight average).
 
     Args:
         cfg: settings; ``cfg.out_dir`` receives ``last.pt``, ``best.pt``, ``log.jsonl``.
@@ -768,9 +774,16 @@ def train(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history, best = 0, [], {"score": -1.0, "step": -1, "metrics": None}
     stale = 0
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    ema = None
+    if cfg.ema_decay:
+        ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if cfg.resume and last.exists():
         ck = load_checkpoint(last)
         model.load_state_dict(ck["model"])
+        if ema is not None:
+            ema = ck.get("ema") or {k: v.detach().clone() for k, v in ck["model"].items()}
         opt.load_state_dict(ck["optimizer"])
         step, history, best = ck["step"], ck["history"], ck["best"]
         _set_rng_state(rng, ck["rng"], torch)
@@ -791,6 +804,11 @@ def train(
     def run_eval():
         nonlocal stale, best
         from napari_sam.model.small_encoder import set_canvas
+
+        raw = None
+        if ema is not None:  # evaluate (and keep as best) the weight average
+            raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(ema)
 
         if cfg.eval_canvas:
             set_canvas(model, cfg.eval_canvas)
@@ -820,6 +838,8 @@ def train(
             )
         else:
             stale += 1
+        if raw is not None:
+            model.load_state_dict(raw)
         emit({"kind": "eval", "step": step, "score": sc, "best": improved, **m})
 
     try:
@@ -872,6 +892,13 @@ def train(
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        if v.is_floating_point():
+                            ema[k].mul_(cfg.ema_decay).add_(v, alpha=1 - cfg.ema_decay)
+                        else:
+                            ema[k].copy_(v)
             step += 1
             emit(
                 {
@@ -886,12 +913,14 @@ def train(
             if cfg.eval_every and step % cfg.eval_every == 0:
                 run_eval()
             if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == end):
-                save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch)
+                save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch, ema)
             if cfg.patience and stale >= cfg.patience:
                 reason = "early_stop"
                 break
         if cfg.ckpt_every:
-            save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch)
+            save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch, ema)
+        if ema is not None:
+            model.load_state_dict(ema)
     finally:
         set_pe_frame(model)
         emit({"kind": "done", "step": step, "reason": reason, "best": best["score"]})
