@@ -45,9 +45,7 @@ def synthetic_set(n: int, size: int = 256):
     return images, labels
 
 
-def propagation_dice(
-    model, img, lab, max_objects: int | None = None, tta: int | None = None
-) -> list[dict]:
+def propagation_dice(model, img, lab, max_objects: int | None = None, tta: int = 1) -> list[dict]:
     """Propagation from one box per object through stack ``img`` with instance labels
     ``lab``: objects spanning >= 3 slices and >= 200 voxels (the first ``max_objects``);
     the object's tight box on its middle slice (single-mask output) is the anchor, then
@@ -107,7 +105,7 @@ def summarize_3d(rows: list[dict]) -> dict:
     }
 
 
-def dice_from_one_box(model, n: int, real=None, tta: int | None = None) -> dict:
+def dice_from_one_box(model, n: int, real=None, tta: int = 1) -> dict:
     """3D Dice of :func:`propagation_dice` on held-out stacks ``make_volume(3_100_000 +
     i)``, 24 x 128 x 128, for nuclei, tubes and dense (packed nuclei touching in z; the
     first 40 objects of each stack), and on ``real = (stack, labels)`` if given."""
@@ -168,7 +166,7 @@ def main(argv=None) -> int:
         "--tta",
         type=int,
         nargs="+",
-        help="test-time views to measure, e.g. 1 4 (default: each model's own default)",
+        help="test-time views to measure, e.g. 1 4 (rows then name them; default 1)",
     )
     p.add_argument("--json", help="write results here")
     args = p.parse_args(argv)
@@ -189,8 +187,8 @@ def main(argv=None) -> int:
         name0, model = load(spec)
         if model is None:
             continue
-        for tta in args.tta or [None]:
-            name = name0 if tta is None else f"{name0}, tta {tta}"
+        for tta in args.tta or [1]:
+            name = name0 if not args.tta else f"{name0}, tta {tta}"
             results += measure(model, name, tta, sets, cols, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
