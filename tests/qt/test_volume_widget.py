@@ -300,3 +300,29 @@ def test_a_finished_session_is_freed(open_widget, qtbot, models):
     qtbot.wait(100)
     gc.collect()
     assert old() is None
+
+
+def test_propagation_with_flips_decodes_view_0_of_the_stored_views(open_widget, qtbot, models):
+    """With Flips on, the stack's stored embeddings hold four views (the slices are
+    annotated with them) and propagation decodes the first one (the slice itself)."""
+    img, _ = stack()
+    viewer, w = open_widget(img)
+    w.flips_combo.setCurrentText("4 views (slice + 3 flips)")
+    w.stop_criteria = WALK
+    viewer.dims.set_current_step(0, 6)
+    wait_idle(qtbot, w)
+    ann = w.annotator
+    assert ann.predictor.tta == 4
+    w.points_layer.add([[6, 20, 20]])
+    wait_idle(qtbot, w)
+    expected = masks_of(w)[ann.selected]
+    key(qtbot, viewer, Qt.Key.Key_S, SHIFT)
+    wait_idle(qtbot, w, timeout=120_000)
+    data = w.objects_layer.data
+    np.testing.assert_array_equal(data[6] == 1, expected)
+    reached = [z for z in range(12) if z != 6 and (data[z] == 1).any()]
+    assert len(reached) >= 3, reached
+    store, _ = ann.store_for(ann.key)
+    assert store.get(reached[0]).features.shape[0] == 4
+    decoder = w._decoder()
+    assert decoder.tta == 1 and decoder.features.shape[0] == 1

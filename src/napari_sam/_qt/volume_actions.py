@@ -247,10 +247,9 @@ class VolumeActions:
         ann = self.annotator
         if self._prop_decoder is None or self._prop_decoder[0] is not ann:
             choice, model, contrast = self._volume_model
-            decoder = choice.make_predictor(model, contrast)
-            if hasattr(decoder, "tta") and hasattr(ann.predictor, "tta"):
-                decoder.tta = ann.predictor.tta  # the session's views (the store has them)
-            self._prop_decoder = (ann, decoder)
+            # one view even when the session uses test-time flips: propagation gained
+            # nothing from them at 4.8x the time (docs/models.md); the store's view 0 serves
+            self._prop_decoder = (ann, choice.make_predictor(model, contrast))
         return self._prop_decoder[1]
 
     def _volume_key(self, action: str):
