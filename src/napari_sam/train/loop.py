@@ -115,6 +115,11 @@ class TrainConfig:
     # step ema = d * ema + (1 - d) * weights; BatchNorm statistics too); evaluations,
     # best.pt and the returned model use the average, training continues on the raw weights
     ema_decay: float = 0.0
+    # 0: off. w > 0: adds w x a dense loss on the image embedding: a throw-away head (1x1
+    # conv + pixel shuffle, not part of the model) predicts background / object interior /
+    # object boundary at half the canvas resolution from the embedding, so that the
+    # encoder learns every object's outline on every image, not only the sampled objects'
+    aux_weight: float = 0.0
     resume: bool = True
 
     def to_json(self) -> dict:
@@ -484,6 +489,60 @@ def _round_loss(logits, iou, target):
     return multi.total + single.total, multi
 
 
+AUX_CLASS_WEIGHTS = (1.0, 1.0, 3.0)  # background, interior, boundary (the rare class)
+
+
+def aux_targets(sample: Sample, side: int) -> np.ndarray:
+    """(side, side) int64 classes of the dense auxiliary loss: 0 background, 1 object
+    interior, 2 object boundary (an object pixel with a 4-neighbour outside the object:
+    background or another object), pooled from the canvas by blocks, boundary first."""
+    lab = sample.labels
+    if lab is None:
+        lab = np.zeros(sample.image.shape[1:], np.int32)
+        for i, m in enumerate(sample.masks):
+            lab[m] = i + 1
+    lab = np.asarray(lab)
+    pad = np.pad(lab, 1, mode="edge")
+    edge = np.zeros(lab.shape, bool)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        edge |= pad[dy : dy + lab.shape[0], dx : dx + lab.shape[1]] != lab
+    cls = np.where(lab > 0, np.where(edge, 2, 1), 0)
+    f = lab.shape[0] // side
+    if f < 1 or lab.shape[0] != side * f or lab.shape[1] != lab.shape[0]:
+        raise ValueError(f"canvas {lab.shape} is not {side} x {side} blocks")
+    return cls.reshape(side, f, side, f).max(axis=(1, 3)).astype(np.int64)
+
+
+def make_aux_head(model, canvas: int):
+    """The dense auxiliary head for ``model``'s embedding at ``canvas`` input: 1x1 conv to
+    3 x f^2 channels, pixel shuffle by f, so the classes come out at canvas / 2."""
+    import torch
+
+    was = model.image_encoder.training
+    model.image_encoder.eval()
+    with torch.no_grad():
+        e = model.image_encoder(torch.zeros(1, 3, canvas, canvas))
+    model.image_encoder.train(was)
+    chans, side = e.shape[1], e.shape[-1]
+    f, rem = divmod(canvas // 2, side)
+    if rem or f < 1:
+        raise ValueError(
+            f"aux_weight needs an embedding side ({side}) that divides half the canvas "
+            f"({canvas // 2}); choose another canvas or set aux_weight=0"
+        )
+    return torch.nn.Sequential(torch.nn.Conv2d(chans, 3 * f * f, 1), torch.nn.PixelShuffle(f))
+
+
+def aux_loss(head, emb, samples: list[Sample], torch):
+    """Class-weighted cross-entropy of the head's prediction against :func:`aux_targets`."""
+    import torch.nn.functional as F
+
+    logits = head(emb)
+    tgt = torch.from_numpy(np.stack([aux_targets(s, logits.shape[-1]) for s in samples]))
+    w = torch.tensor(AUX_CLASS_WEIGHTS, dtype=logits.dtype)
+    return F.cross_entropy(logits, tgt, weight=w)
+
+
 def _session_step(model, emb, sample: Sample, obj_idx, cfg: TrainConfig, rng, torch):
     """Loss of one image's objects over a sampled interactive session."""
     masks = [sample.masks[i] for i in obj_idx]
@@ -652,13 +711,17 @@ def _set_rng_state(rng, state, torch):
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(path, model, opt, step, rng, cfg, history, best, torch, ema=None) -> None:
-    """Atomic write of the full training state to ``path`` (``ema``: the weight average)."""
+def save_checkpoint(
+    path, model, opt, step, rng, cfg, history, best, torch, ema=None, aux=None
+) -> None:
+    """Atomic write of the full training state to ``path`` (``ema``: the weight average,
+    ``aux``: the auxiliary head of ``cfg.aux_weight``)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     state = {
         "model": model.state_dict(),
         **({"ema": ema} if ema is not None else {}),
+        **({"aux": aux.state_dict()} if aux is not None else {}),
         "optimizer": opt.state_dict(),
         "step": step,
         "rng": _rng_state(rng, torch),
@@ -771,6 +834,15 @@ def train(
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
         and not any(f"{name}.{n}" in trained for n, _ in m.named_parameters())
     ]
+    aux = None
+    if cfg.aux_weight:
+        if cfg.aux_weight < 0 or not cfg.train_encoder:
+            raise ValueError(
+                f"aux_weight={cfg.aux_weight} needs aux_weight > 0 and train_encoder=True "
+                "(it trains the image encoder); set aux_weight=0 otherwise"
+            )
+        aux = make_aux_head(model, cfg.canvas)
+        params = params + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history, best = 0, [], {"score": -1.0, "step": -1, "metrics": None}
     stale = 0
@@ -784,6 +856,13 @@ def train(
         model.load_state_dict(ck["model"])
         if ema is not None:
             ema = ck.get("ema") or {k: v.detach().clone() for k, v in ck["model"].items()}
+        if aux is not None:
+            if "aux" not in ck:
+                raise ValueError(
+                    f"{last} was written without aux_weight; resume it with aux_weight=0 "
+                    "or start a new out_dir"
+                )
+            aux.load_state_dict(ck["aux"])
         opt.load_state_dict(ck["optimizer"])
         step, history, best = ck["step"], ck["history"], ck["best"]
         _set_rng_state(rng, ck["rng"], torch)
@@ -887,6 +966,8 @@ def train(
                 li, st = _session_step(model, emb[i : i + 1], s, idx, cfg, rng, torch)
                 loss = loss + li / len(samples)
                 stats.append(st)
+            if aux is not None:
+                loss = loss + cfg.aux_weight * aux_loss(aux, emb, samples, torch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -913,12 +994,12 @@ def train(
             if cfg.eval_every and step % cfg.eval_every == 0:
                 run_eval()
             if cfg.ckpt_every and (step % cfg.ckpt_every == 0 or step == end):
-                save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch, ema)
+                save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch, ema, aux)
             if cfg.patience and stale >= cfg.patience:
                 reason = "early_stop"
                 break
         if cfg.ckpt_every:
-            save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch, ema)
+            save_checkpoint(last, model, opt, step, rng, cfg, history, best, torch, ema, aux)
         if ema is not None:
             model.load_state_dict(ema)
     finally:
