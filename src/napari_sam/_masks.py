@@ -153,3 +153,84 @@ def upsample_binary(
     else:
         out[idx] = val[sel]
     return out
+
+
+def keep_clicked_parts(
+    low_res: torch.Tensor,
+    points_xy: np.ndarray,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    img_size: int,
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """Drop the parts of each mask that no positive click touches.
+
+    Parts are found on the low-res grid, so this is cheap at any slice size: positive
+    low-res pixels (``low_res > threshold``, on the cells that reach the slice) closer than
+    ``2 d + 2`` cells (Chebyshev) belong to one part, ``d = ceil(1 / min(1, sy, sx))`` for
+    ``sy, sx`` output pixels per low-res cell (``d = 1`` unless a tiny slice is enlarged
+    more than 4x). A click touches the parts among the four corners of the cell its pixel
+    interpolates from. Parts no click touches get their logits mirrored below the
+    threshold, so the upsampled mask (:func:`upsample_binary` / :func:`upsample_logits`)
+    loses exactly the pixels interpolated from them and keeps every other pixel. Two
+    neighbouring output pixels interpolate from cells whose corners lie within ``d + 1``
+    cells of each other, so a connected region of the upsampled mask always lies in one
+    part: what is dropped are whole regions apart from the clicked ones. A mask that no
+    click touches (the model ignored the clicks) is left whole.
+
+    Args:
+        low_res: (B, M, lh, lw) logits (not modified).
+        points_xy: positive clicks, (x, y) pixels of the slice: an (N, 2) array for every
+            mask, or a sequence of B such arrays, one per batch row.
+        input_size, original_size, img_size: as for :func:`upsample_logits`.
+
+    Returns:
+        (B, M, lh, lw) logits.
+    """
+    from scipy import ndimage
+
+    if isinstance(points_xy, np.ndarray) and points_xy.ndim == 2:
+        points_xy = [points_xy] * low_res.shape[0]
+    pts = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in points_xy]
+    if len(pts) != low_res.shape[0]:
+        raise ValueError(f"{len(pts)} point sets for a batch of {low_res.shape[0]} masks")
+    (ih, iw), (oh, ow) = input_size, original_size
+    lh, lw = low_res.shape[-2:]
+    nh = min(lh, math.ceil(ih * lh / img_size) + 1)
+    nw = min(lw, math.ceil(iw * lw / img_size) + 1)
+    sy, sx = oh * img_size / (ih * lh), ow * img_size / (iw * lw)
+
+    def corners(v, n_out, s, n):
+        # the cell each clicked pixel interpolates from, as in upsample_binary
+        cell = _source_index(n_out, s, "cpu")[0].numpy()
+        a = cell[np.clip(np.round(v), 0, n_out - 1).astype(int)]
+        return np.stack([np.minimum(a, n - 1), np.minimum(a + 1, n - 1)], -1)  # (N, 2)
+
+    arr = low_res.detach().cpu().numpy()
+    out = None
+    eight = np.ones((3, 3), bool)
+    d = math.ceil(1.0 / min(1.0, sy, sx))
+    for b in range(arr.shape[0]):
+        if not len(pts[b]):
+            continue
+        rows = corners(pts[b][:, 1], oh, sy, nh)
+        cols = corners(pts[b][:, 0], ow, sx, nw)
+        rr = np.repeat(rows, 2, axis=1).ravel()  # the 4 corners of each click's cell
+        cc = np.tile(cols, (1, 2)).ravel()
+        for m in range(arr.shape[1]):
+            pos = arr[b, m, :nh, :nw] > threshold
+            grown = ndimage.binary_dilation(pos, eight, iterations=d)
+            parts, n = ndimage.label(grown, structure=eight)
+            if n <= 1:
+                continue
+            parts *= pos
+            touched = np.unique(parts[rr, cc])
+            touched = touched[touched > 0]
+            if touched.size == 0 or touched.size == n:
+                continue
+            drop = pos & ~np.isin(parts, touched)
+            if out is None:
+                out = arr.copy()
+            view = out[b, m, :nh, :nw]
+            view[drop] = 2 * threshold - view[drop]  # mirrored below the threshold
+    return low_res if out is None else torch.from_numpy(out).to(low_res.device)

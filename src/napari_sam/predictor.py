@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import _fast_decoder
-from ._masks import upsample_binary, upsample_logits
+from ._masks import keep_clicked_parts, upsample_binary, upsample_logits
 from .preprocess import Contrast, ResizeLongestSide, check_slice, resize_to_input, to_uint8_rgb
 from .prompts import check_boxes, check_points
 
@@ -397,6 +397,7 @@ class SamPredictor:
         multimask_output: bool = True,
         return_logits: bool = False,
         mask_size: tuple[int, int] | None = None,
+        clicked_parts_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for prompts on the current slice (numpy in, numpy out).
 
@@ -414,6 +415,12 @@ class SamPredictor:
                 interpolation from the low-res logits, so a small ``mask_size`` is cheap
                 (e.g. a preview of a large slice; :meth:`masks_from_logits` gives the
                 full-resolution mask later). ``mask_size = (H, W)`` is the default.
+            clicked_parts_only: keep only the connected parts of each mask that a positive
+                click touches (SAM often adds separate blobs on look-alike objects); a
+                mask that no positive click touches stays whole, prompts without positive
+                clicks are unaffected. The low-res logits returned are changed the same
+                way (see :func:`napari_sam._masks.keep_clicked_parts`), so
+                :meth:`masks_from_logits` and a refinement with them see the same mask.
 
         Returns:
             masks (C, H, W) bool (or float32 logits), iou_predictions (C,) float32,
@@ -426,9 +433,14 @@ class SamPredictor:
         out_size = _check_mask_size(mask_size, size)
         batched = False
         coords_t = labels_t = box_t = mask_t = None
+        clicks = None
         if point_coords is not None:
             coords, labels = check_points(point_coords, point_labels, size)
             batched |= coords.ndim == 3
+            if clicked_parts_only:
+                c3 = coords if coords.ndim == 3 else coords[None]
+                l2 = np.broadcast_to(labels, c3.shape[:2])
+                clicks = [c[lab == 1] for c, lab in zip(c3, l2, strict=True)]
             coords = self.transform.apply_coords(coords, size)
             coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)
             labels_t = torch.as_tensor(labels, dtype=torch.int64, device=self.device)
@@ -459,7 +471,7 @@ class SamPredictor:
                 "predict needs a prompt: point_coords + point_labels, box or mask_input"
             )
         masks, iou, low_res = self._predict(
-            coords_t, labels_t, box_t, mask_t, multimask_output, return_logits, out_size
+            coords_t, labels_t, box_t, mask_t, multimask_output, return_logits, out_size, clicks
         )
         masks, iou, low_res = masks.cpu().numpy(), iou.cpu().numpy(), low_res.cpu().numpy()
         if batched:
@@ -580,7 +592,9 @@ class SamPredictor:
             masks = upsample_binary(low, *geometry, getattr(self.model, "mask_threshold", 0.0))
         return masks.cpu().numpy().reshape(*lead, *out_size)
 
-    def _predict(self, coords, labels, boxes, mask_input, multimask_output, return_logits, size):
+    def _predict(
+        self, coords, labels, boxes, mask_input, multimask_output, return_logits, size, clicks=None
+    ):
         pe = self.model.prompt_encoder
         dev = self.device
         sizes = {
@@ -621,6 +635,18 @@ class SamPredictor:
                 ious.append(iou)
             low_res = torch.stack(lows).mean(0)
             iou = torch.stack(ious).mean(0)
+        threshold = getattr(self.model, "mask_threshold", 0.0)
+        if clicks is not None:
+            if len(clicks) == 1 and low_res.shape[0] > 1:
+                clicks = clicks * low_res.shape[0]
+            low_res = keep_clicked_parts(
+                low_res,
+                clicks,
+                self.input_size,
+                self.original_size,
+                self.transform.target_length,
+                threshold,
+            )
         # masks at ``size`` (the slice size unless a mask_size was asked for)
         geometry = (self.input_size, size, self.transform.target_length)
         if return_logits:
