@@ -16,6 +16,10 @@ stacks (nuclei, tubes, dense = packed nuclei touching in z) and the optional rea
 3D Dice, mean first / last slice error (negative: starts / ends too early) and the median
 volume ratio segmented / true.
 
+Clicks keep only the mask parts they touch, as the plugin does by default
+(``clicked_parts_only``); ``--parts whole clicked`` measures both (boxes and the 3D rows are
+the same either way).
+
 ``--model`` takes the bundled default ("default"), an nsam training checkpoint or exported
 weights (.pt with .json), a registry name or an official checkpoint path (skipped with a
 note when it is not available offline).
@@ -168,6 +172,12 @@ def main(argv=None) -> int:
         nargs="+",
         help="test-time views to measure, e.g. 1 4 (rows then name them; default 1)",
     )
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("clicked", "whole"),
+        help="click masks: only the clicked parts (the plugin's default) and/or whole",
+    )
     p.add_argument("--json", help="write results here")
     args = p.parse_args(argv)
 
@@ -202,14 +212,32 @@ def measure(model, name, tta, sets, cols, args) -> list[dict]:
 
     results = []
     pred = SamPredictor(model, tta=tta)
-    for set_name, (images, labels) in sets.items():
-        t0 = time.perf_counter()
-        max_obj = args.objects if set_name == "synthetic" else args.real_objects
-        r = interactive_miou(pred, images, labels, args.clicks, max_objects=max_obj)
-        dt = time.perf_counter() - t0
-        vals = " | ".join(f"{r[c]:.3f}" for c in cols)
-        print(f"| {name} | {set_name} | {r['objects']} | {vals} | {dt:.0f} |", flush=True)
-        results.append({"model": name, "tta": pred.tta, "set": set_name, **r, "seconds": dt})
+    for parts in args.parts or ["clicked"]:
+        label = name if not args.parts else f"{name}, {parts} parts"
+        for set_name, (images, labels) in sets.items():
+            t0 = time.perf_counter()
+            max_obj = args.objects if set_name == "synthetic" else args.real_objects
+            r = interactive_miou(
+                pred,
+                images,
+                labels,
+                args.clicks,
+                max_objects=max_obj,
+                clicked_parts_only=parts == "clicked",
+            )
+            dt = time.perf_counter() - t0
+            vals = " | ".join(f"{r[c]:.3f}" for c in cols)
+            print(f"| {label} | {set_name} | {r['objects']} | {vals} | {dt:.0f} |", flush=True)
+            results.append(
+                {
+                    "model": name,
+                    "tta": pred.tta,
+                    "parts": parts,
+                    "set": set_name,
+                    **r,
+                    "seconds": dt,
+                }
+            )
     if args.volumes:
         t0 = time.perf_counter()
         real = None

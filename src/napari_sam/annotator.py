@@ -171,7 +171,7 @@ class PredictionRequest:
 
     points_xy: ``(N, 2) (x, y)`` or None; point_labels ``(N,)``; box_xyxy ``(4,)`` or None;
     mask_input ``(1, h, w)`` or None; mask_size: ``(h, w)`` of the masks, None for the
-    plane's size.
+    plane's size; clicked_parts_only: see :attr:`Annotator.clicked_parts_only`.
     """
 
     key: SliceKey
@@ -183,6 +183,7 @@ class PredictionRequest:
     box_xyxy: np.ndarray | None
     mask_input: np.ndarray | None
     mask_size: tuple[int, int] | None = None
+    clicked_parts_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -332,6 +333,10 @@ class Annotator:
         (:func:`napari_sam.slicing.display_size`); commits stay at full resolution. None
         or 0: always full resolution. Needs a predictor with ``masks_from_logits``
         (:class:`napari_sam.predictor.SamPredictor`); ignored otherwise.
+    clicked_parts_only
+        Candidates keep only the parts that a positive click touches (SAM often adds blobs
+        on look-alike objects elsewhere); see ``SamPredictor.predict``. Box-only and
+        mask prompts are not affected.
     """
 
     def __init__(
@@ -347,6 +352,7 @@ class Annotator:
         overlap: str = "keep",
         refine: bool = True,
         display_max_side: int | None = DISPLAY_MAX_SIDE,
+        clicked_parts_only: bool = True,
     ):
         self.shape = check_image_shape(np.shape(image), rgb)
         self.image = image
@@ -385,6 +391,7 @@ class Annotator:
         self._candidates: Candidates | None = None
         self._choice: int | None = None
         self._version = 0
+        self._clicked_parts_only = bool(clicked_parts_only)
         self._undo: list = []
         self._redo: list = []
         self.records: list[ObjectRecord] = []
@@ -655,6 +662,17 @@ class Annotator:
 
     # -------------------------------------------------------------- candidates
     @property
+    def clicked_parts_only(self) -> bool:
+        """Candidates keep only the mask parts a positive click touches (default True)."""
+        return self._clicked_parts_only
+
+    @clicked_parts_only.setter
+    def clicked_parts_only(self, value: bool) -> None:
+        if bool(value) != self._clicked_parts_only:
+            self._clicked_parts_only = bool(value)
+            self._version += 1  # the candidates are stale
+
+    @property
     def version(self) -> int:
         """Increases with every change that makes the candidates stale."""
         return self._version
@@ -718,7 +736,18 @@ class Annotator:
         mask = prompts.refine.logits if prompts.refine is not None else None
         size = self.display_size()
         size = None if size == self.plane_shape else size
-        return PredictionRequest(self._key, self._version, prompts, emb, pts, lab, box, mask, size)
+        return PredictionRequest(
+            self._key,
+            self._version,
+            prompts,
+            emb,
+            pts,
+            lab,
+            box,
+            mask,
+            size,
+            self._clicked_parts_only,
+        )
 
     @property
     def waiting_for_embedding(self) -> bool:
@@ -743,6 +772,9 @@ class Annotator:
                 self.predictor.set_embedding(request.embedding)
                 self._decoder_key = request.key
             reduced = {} if request.mask_size is None else {"mask_size": request.mask_size}
+            labels = request.point_labels
+            if request.clicked_parts_only and labels is not None and (labels == 1).any():
+                reduced["clicked_parts_only"] = True
             masks, ious, logits = self.predictor.predict(
                 point_coords=request.points_xy,
                 point_labels=request.point_labels,
@@ -920,7 +952,8 @@ class Annotator:
     def replay(self, record: ObjectRecord) -> np.ndarray:
         """Re-run a record's prompt chain on its slice; the ``(H, W) bool`` mask it gives.
 
-        With the same model this reproduces the committed candidate.
+        With the same model and :attr:`clicked_parts_only` setting this reproduces the
+        committed candidate.
         """
         logits = None
         masks = None
@@ -935,6 +968,7 @@ class Annotator:
                 step.labels if len(step.points) else None,
                 box_rc_to_xyxy(step.box.reshape(2, 2)) if step.box is not None else None,
                 logits if step.uses_previous else None,
+                clicked_parts_only=self._clicked_parts_only,
             )
             out = self.run(req)
             masks = out.masks

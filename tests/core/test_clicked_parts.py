@@ -128,3 +128,33 @@ def test_bundled_model_clicks_lose_only_their_stray_parts(nuclei):
     np.testing.assert_array_equal(
         pred.predict(**neg)[0], pred.predict(**neg, clicked_parts_only=True)[0]
     )
+
+
+def test_annotator_candidates_follow_the_setting(nuclei):
+    from napari_sam.annotator import Annotator
+
+    pred, lab = nuclei
+    img, _ = make_image(3_000_000, (256, 256), "nuclei", 8)
+    found = None
+    for i in np.unique(lab)[1:60]:  # a click whose plain candidates have stray parts
+        gt = lab == i
+        xy, _ = P.correction_point(np.zeros_like(gt), gt, mode="center")
+        plain = pred.predict(point_coords=xy, point_labels=np.array([1]))[0]
+        kept = pred.predict(point_coords=xy, point_labels=np.array([1]), clicked_parts_only=True)
+        if (plain != kept[0]).any():
+            found = xy[0], plain, kept[0]
+            break
+    assert found is not None
+    (x, y), plain, kept = found
+    ann = Annotator(pred, img)
+    assert ann.clicked_parts_only  # the plugin's default
+    ann.add_point((y, x))
+    np.testing.assert_array_equal(ann.update().masks, kept)
+    ann.clicked_parts_only = False
+    assert not ann.up_to_date
+    np.testing.assert_array_equal(ann.update().masks, plain)
+    ann.clicked_parts_only = True
+    sel = ann.update() and ann.selected
+    record = ann.commit()
+    np.testing.assert_array_equal(ann.labels == record.label_id, kept[sel])
+    np.testing.assert_array_equal(ann.replay(record), kept[sel])

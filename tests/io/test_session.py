@@ -53,6 +53,7 @@ class FloodPredictor:
         mask_input=None,
         multimask_output=True,
         return_logits=False,
+        clicked_parts_only=False,  # its masks are whole components already
     ):
         self.calls.append((point_coords, point_labels, box, mask_input is not None))
         h, w = self.comp.shape

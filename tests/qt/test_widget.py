@@ -478,3 +478,28 @@ def test_flips_setting_sets_the_predictors_test_time_views(open_widget, qtbot, m
     wait_idle(qtbot, w2)
     assert w2.annotator.predictor.tta == 4 and w2.annotator.encoder.tta == 4
     assert w2._decoder().tta == 1  # propagation decodes view 0 of the stored views
+
+
+def test_clicked_parts_setting(open_widget, qtbot, models):
+    """On by default: the candidates are the predictor's clicked_parts_only masks;
+    unticking shows the whole masks for the same click."""
+    from napari_sam.predictor import SamPredictor
+
+    img = blob_image((64, 96))
+    viewer, w = open_widget(img)
+    assert w.parts_check.isChecked() and w.annotator.clicked_parts_only
+    w.model_combo.setCurrentIndex(w.model_combo.findData("tiny-b"))
+    wait_idle(qtbot, w)
+    w.points_layer.add([[10, 80]])  # a click whose third candidate has a stray part
+    wait_idle(qtbot, w)
+    p = SamPredictor(models(1))
+    p.set_image(img)
+    args = (np.array([[80.0, 10.0]]), np.array([1]))
+    kept = p.predict(*args, clicked_parts_only=True)[0]
+    whole = p.predict(*args)[0]
+    assert not np.array_equal(kept, whole)  # the untrained model scatters parts
+    np.testing.assert_array_equal(masks_of(w), kept)
+    w.parts_check.setChecked(False)
+    wait_idle(qtbot, w)
+    assert not w.annotator.clicked_parts_only
+    np.testing.assert_array_equal(masks_of(w), whole)

@@ -21,6 +21,7 @@ import numpy as np
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QButtonGroup,
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -188,6 +189,13 @@ class SamWidget(VolumeActions, QWidget):
             "~4x decoder time per click)"
         )
 
+        self.parts_check = QCheckBox("only the parts you clicked")
+        self.parts_check.setChecked(True)
+        self.parts_check.setToolTip(
+            "Drop the pieces of a mask that no positive click touches (SAM often adds blobs "
+            "on look-alike objects elsewhere). Boxes alone are not affected."
+        )
+
         combos = (
             self.image_combo,
             self.model_combo,
@@ -207,6 +215,7 @@ class SamWidget(VolumeActions, QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Contrast", self.contrast_combo)
         form.addRow("Flips", self.flips_combo)
+        form.addRow("Masks", self.parts_check)
 
         self.model_note = QLabel(
             "UNTRAINED model (testing): its masks are random. Pick a trained model for real work."
@@ -295,6 +304,7 @@ class SamWidget(VolumeActions, QWidget):
         self.device_combo.currentIndexChanged.connect(lambda *_: self._setup())
         self.contrast_combo.currentIndexChanged.connect(lambda *_: self._setup())
         self.flips_combo.currentIndexChanged.connect(lambda *_: self._setup())
+        self.parts_check.toggled.connect(self._on_parts_toggled)
 
     # ============================================================ viewer events
     def _connect_viewer(self):
@@ -529,6 +539,7 @@ class SamWidget(VolumeActions, QWidget):
             labels=labels,
             model_name=choice.key,
             display_max_side=self.display_max_side or None,
+            clicked_parts_only=self.parts_check.isChecked(),
         )
         self._volume_session_started(choice, model, contrast)
         for key, p in carried.items():
@@ -754,6 +765,11 @@ class SamWidget(VolumeActions, QWidget):
             self._syncing = False
 
     # ============================================================ candidates
+    def _on_parts_toggled(self, checked: bool):
+        if self.annotator is not None:
+            self.annotator.clicked_parts_only = checked
+            self._request_decode()
+
     def _request_decode(self):
         ann = self.annotator
         if ann is None:

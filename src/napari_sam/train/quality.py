@@ -39,6 +39,7 @@ def interactive_miou(
     min_area: int = 20,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    clicked_parts_only: bool = False,
 ) -> dict:
     """Mean IoU over objects for box, point and point + 1..n_clicks corrections.
 
@@ -49,6 +50,8 @@ def interactive_miou(
         max_objects: at most this many objects per image (a seeded random subset).
         min_area: objects smaller than this (pixels) are skipped.
         progress: ``progress(done, total)`` after each image.
+        clicked_parts_only: clicks keep only the mask parts they touch, as in the plugin
+            (``SamPredictor.predict``); boxes are not affected.
 
     Returns:
         dict of mean IoUs (``box``, ``box3``, ``point``, ``click1``..) and ``objects``.
@@ -78,7 +81,8 @@ def interactive_miou(
             res["box3"].append(_iou(m[int(np.argmax(s))], gt))
             xy, _ = P.correction_point(np.zeros_like(gt), gt, mode="center")
             pts, lbl = xy, np.array([1])
-            m, s, low = predictor.predict(point_coords=pts, point_labels=lbl)
+            parts = {"clicked_parts_only": True} if clicked_parts_only else {}
+            m, s, low = predictor.predict(point_coords=pts, point_labels=lbl, **parts)
             best = int(np.argmax(s))
             mask, logits = m[best], low[[best]]
             res["point"].append(_iou(mask, gt))
@@ -92,6 +96,7 @@ def interactive_miou(
                         point_labels=lbl,
                         mask_input=logits,
                         multimask_output=False,
+                        **parts,
                     )
                     mask, logits = m[0], low[[0]]
                 res[f"click{c}"].append(_iou(mask, gt))
