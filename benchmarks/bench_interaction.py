@@ -103,7 +103,7 @@ MODES = {
 }
 
 
-def bench_size(viewer, widget_cls, choice, size, events, mode, flips="off"):
+def bench_size(viewer, widget_cls, choice, size, events, mode, flips="off", parts="clicked"):
     import threading
 
     from qtpy.QtWidgets import QApplication
@@ -112,6 +112,7 @@ def bench_size(viewer, widget_cls, choice, size, events, mode, flips="off"):
     viewer.add_image(img, name=f"{size}")
     w = widget_cls(viewer, models=[choice], threaded=mode != "qt")
     w.flips_combo.setCurrentText(flips)
+    w.parts_check.setChecked(parts == "clicked")
     if mode == "worker":
         w.inline_decode_ms = 0.0  # never on the Qt thread
     viewer.window.add_dock_widget(w, name=f"SAM {size}")
@@ -262,6 +263,14 @@ def main(argv=None):
         help="the dock's Flips setting (off, or '4 views (slice + 3 flips)'); rows name it "
         "when it is not off",
     )
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["clicked"],
+        choices=["clicked", "whole"],
+        help="the dock's 'only the parts you clicked' (clicked, the default) and/or whole "
+        "masks; rows name it when not the default",
+    )
     ap.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
     args = ap.parse_args(argv)
 
@@ -301,12 +310,21 @@ def main(argv=None):
         for name in args.models:
             for s in args.sizes:
                 for mode in args.modes:
-                    r = bench_size(
-                        viewer, SamWidget, choices[name], s, args.events, mode, args.flips
-                    )
-                    r["canvas"] = canvas
-                    r["model"] = name if args.flips == "off" else f"{name}, flips {args.flips}"
-                    rows.append(r)
+                    for parts in args.parts:
+                        r = bench_size(
+                            viewer,
+                            SamWidget,
+                            choices[name],
+                            s,
+                            args.events,
+                            mode,
+                            args.flips,
+                            parts,
+                        )
+                        r["canvas"] = canvas
+                        label = name if args.flips == "off" else f"{name}, flips {args.flips}"
+                        r["model"] = label if parts == "clicked" else f"{label}, whole masks"
+                        rows.append(r)
         viewer.close()
     import torch
 

@@ -155,6 +155,23 @@ def upsample_binary(
     return out
 
 
+def _grow(mask: np.ndarray, d: int) -> np.ndarray:
+    """Dilation of the last two axes by a (2d + 1)-square (separable, by slicing)."""
+    out = mask.copy()
+    for axis in (-2, -1):
+        src = out.copy()
+        n = src.shape[axis]
+        for k in range(1, d + 1):
+            if k >= n:
+                break
+            lo = [slice(None)] * src.ndim
+            hi = [slice(None)] * src.ndim
+            lo[axis], hi[axis] = slice(0, n - k), slice(k, n)
+            out[tuple(lo)] |= src[tuple(hi)]
+            out[tuple(hi)] |= src[tuple(lo)]
+    return out
+
+
 def keep_clicked_parts(
     low_res: torch.Tensor,
     points_xy: np.ndarray,
@@ -208,7 +225,8 @@ def keep_clicked_parts(
 
     arr = low_res.detach().cpu().numpy()
     out = None
-    eight = np.ones((3, 3), bool)
+    plane = np.zeros((3, 3, 3), bool)
+    plane[1] = True  # 8-connected within a mask, never across the masks of a batch row
     d = math.ceil(1.0 / min(1.0, sy, sx))
     for b in range(arr.shape[0]):
         if not len(pts[b]):
@@ -217,18 +235,19 @@ def keep_clicked_parts(
         cols = corners(pts[b][:, 0], ow, sx, nw)
         rr = np.repeat(rows, 2, axis=1).ravel()  # the 4 corners of each click's cell
         cc = np.tile(cols, (1, 2)).ravel()
+        pos = arr[b, :, :nh, :nw] > threshold  # M x nh x nw
+        if not pos.any():
+            continue
+        parts, _ = ndimage.label(_grow(pos, d), structure=plane)
+        parts *= pos
         for m in range(arr.shape[1]):
-            pos = arr[b, m, :nh, :nw] > threshold
-            grown = ndimage.binary_dilation(pos, eight, iterations=d)
-            parts, n = ndimage.label(grown, structure=eight)
-            if n <= 1:
-                continue
-            parts *= pos
-            touched = np.unique(parts[rr, cc])
+            touched = np.unique(parts[m, rr, cc])
             touched = touched[touched > 0]
-            if touched.size == 0 or touched.size == n:
+            if touched.size == 0:
+                continue  # the model ignored the clicks: the mask stays whole
+            drop = pos[m] & ~np.isin(parts[m], touched)
+            if not drop.any():
                 continue
-            drop = pos & ~np.isin(parts, touched)
             if out is None:
                 out = arr.copy()
             view = out[b, m, :nh, :nw]

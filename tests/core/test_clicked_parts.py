@@ -158,3 +158,14 @@ def test_annotator_candidates_follow_the_setting(nuclei):
     record = ann.commit()
     np.testing.assert_array_equal(ann.labels == record.label_id, kept[sel])
     np.testing.assert_array_equal(ann.replay(record), kept[sel])
+
+
+def test_grow_equals_binary_dilation_by_a_square():
+    from napari_sam._masks import _grow
+
+    rng = np.random.default_rng(0)
+    m = rng.random((3, 17, 23)) > 0.95
+    plane = np.zeros((3, 3, 3), bool)
+    plane[1] = True
+    for d in (1, 2, 3):
+        np.testing.assert_array_equal(_grow(m, d), ndimage.binary_dilation(m, plane, d))
