@@ -472,3 +472,38 @@ def test_dense_aux_loss_trains_the_encoder_and_resumes(tmp_path):
     L.train(_cfg(tmp_path / "d", steps=2))
     with pytest.raises(ValueError, match="without aux_weight"):
         L.train(_cfg(tmp_path / "d", steps=4, aux_weight=1.0))
+
+
+def test_clicked_parts_scores_the_masks_the_plugin_shows(tmp_path):
+    """clicked_parts: the IoU head's targets and the evaluation use the masks after
+    keep_clicked_parts; the mask loss is unchanged."""
+    from napari_sam._masks import keep_clicked_parts
+    from napari_sam.train.losses import mask_iou, sam_loss
+
+    # a target object and a stray blob: only the clicked part is scored
+    logits = torch.full((1, 1, 16, 16), -4.0)
+    logits[..., 2:6, 2:6] = 4.0
+    logits[..., 10:14, 10:14] = 4.0
+    target = torch.zeros((1, 1, 16, 16))
+    target[..., 2:6, 2:6] = 1.0
+    shown = keep_clicked_parts(logits, np.array([[7.0, 7.0]]), (32, 32), (32, 32), 32)
+    iou = torch.zeros((1, 1))
+    raw, kept = sam_loss(logits, iou, target), sam_loss(logits, iou, target, iou_logits=shown)
+    assert float(raw.actual_iou) == pytest.approx(0.5) and float(kept.actual_iou) == 1.0
+    assert torch.equal(raw.mask, kept.mask)
+    assert float(mask_iou(shown, target)) == 1.0
+
+    # evaluation: the bundled model's clicks on nuclei scenes (it adds stray parts there)
+    from napari_sam import load_model
+    from napari_sam.model.small_encoder import set_canvas
+
+    model = load_model()
+    set_canvas(model, 256)
+    held_out = L.eval_set(_cfg(tmp_path, canvas=256, kind="nuclei", eval_images=3))
+    a = L.evaluate(model, held_out, n_clicks=2)
+    b = L.evaluate(model, held_out, n_clicks=2, clicked_parts=True)
+    assert a["box"] == b["box"] and a["objects"] == b["objects"]
+    # measured: point 0.561 -> 0.584, 2 clicks 0.650 -> 0.699
+    assert b["point"] > a["point"] and b["click2"] > a["click2"], (a, b)
+    # the training step runs with it
+    L.train(_cfg(tmp_path, steps=2, clicked_parts=True, max_rounds=1, box_prob=0.0))

@@ -120,6 +120,10 @@ class TrainConfig:
     # object boundary at half the canvas resolution from the embedding, so that the
     # encoder learns every object's outline on every image, not only the sampled objects'
     aux_weight: float = 0.0
+    # True: prompts with positive clicks are scored as the plugin shows them, after
+    # keep_clicked_parts: the IoU head is regressed to those masks' IoU and evaluations
+    # measure them (the mask loss stays on the raw logits)
+    clicked_parts: bool = False
     resume: bool = True
 
     def to_json(self) -> dict:
@@ -481,12 +485,28 @@ def _upsample(logits, size):
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def _round_loss(logits, iou, target):
+def _round_loss(logits, iou, target, shown=None):
     from .losses import sam_loss
 
-    multi = sam_loss(logits[:, 1:], iou[:, 1:], target)
-    single = sam_loss(logits[:, :1], iou[:, :1], target)
+    shown_multi = shown_single = None
+    if shown is not None:
+        shown_multi, shown_single = shown[:, 1:], shown[:, :1]
+    multi = sam_loss(logits[:, 1:], iou[:, 1:], target, iou_logits=shown_multi)
+    single = sam_loss(logits[:, :1], iou[:, :1], target, iou_logits=shown_single)
     return multi.total + single.total, multi
+
+
+def _clicked_parts(logits, its: list, torch):
+    """``keep_clicked_parts`` of training logits (K, M, h, w) in the canvas frame (side
+    2 h), each row with its interaction's positive clicks (rows without: unchanged)."""
+    from napari_sam._masks import keep_clicked_parts
+
+    clicks = [it.points[it.labels == 1] for it in its]
+    if not any(len(c) for c in clicks):
+        return logits
+    side = 2 * logits.shape[-1]
+    with torch.no_grad():
+        return keep_clicked_parts(logits.detach(), clicks, (side, side), (side, side), side)
 
 
 AUX_CLASS_WEIGHTS = (1.0, 1.0, 3.0)  # background, interior, boundary (the rare class)
@@ -570,7 +590,8 @@ def _session_step(model, emb, sample: Sample, obj_idx, cfg: TrainConfig, rng, to
         with torch.set_grad_enabled(grad):
             logits, iou = _decode(model, emb, *_stack_prompts(its, torch))
         if grad:
-            loss, multi = _round_loss(logits, iou, target)
+            shown = _clicked_parts(logits, its, torch) if cfg.clicked_parts else None
+            loss, multi = _round_loss(logits, iou, target, shown)
             total = total + loss
             if r == 0:
                 stats["iou0"] = float(multi.actual_iou.max(1).values.mean())
@@ -619,6 +640,7 @@ def evaluate(
     callback=None,
     pe_span: float = 1.0,
     mask_prompt: bool = False,
+    clicked_parts: bool = False,
 ) -> dict:
     """Mean IoU on ``samples``: 1 box, 1 point, and point + 1..n_clicks corrections.
 
@@ -629,7 +651,8 @@ def evaluate(
     ``pe_span`` < 1: the canvas sits in the middle of a larger positional-encoding frame
     (``TrainConfig.pe_reference``). ``mask_prompt``: also ``mask``, the best of 3 by
     predicted IoU from a perturbed copy of the object's mask as the only prompt (what
-    propagation asks of the model).
+    propagation asks of the model). ``clicked_parts``: point and click masks as the plugin
+    shows them by default (``keep_clicked_parts``; the filtered logits are fed back).
     """
     import torch
 
@@ -668,6 +691,8 @@ def evaluate(
             for it, m in zip(its, s.masks, strict=True):
                 it.points[0] = P.correction_point(np.zeros_like(m), m, mode="center")[0][0]
             logits, iou = _decode(model, emb, *_stack_prompts(its, torch))
+            if clicked_parts:
+                logits = _clicked_parts(logits, its, torch)
             pick = iou[:, 1:].argmax(1) + 1
             prev = logits[torch.arange(len(pick)), pick][:, None]
             v, pred = iou_of(prev)
@@ -682,6 +707,8 @@ def evaluate(
                     else:
                         it.add_point(cp[0][0], cp[1])
                 logits, iou = _decode(model, emb, *_stack_prompts(its, torch))
+                if clicked_parts:
+                    logits = _clicked_parts(logits, its, torch)
                 prev = logits[:, :1]
                 v, pred = iou_of(prev)
                 ious[f"click{c}"] += list(v)
@@ -897,6 +924,7 @@ def train(
             cfg.eval_clicks,
             pe_span=1.0 if cfg.eval_canvas else _pe_span(cfg),
             mask_prompt=cfg.mask_prompt_prob > 0,
+            clicked_parts=cfg.clicked_parts,
         )
         if cfg.eval_canvas:
             set_canvas(model, cfg.canvas)

@@ -97,6 +97,7 @@ def sam_loss(
     iou_weight: float = 1.0,
     alpha: float | None = 0.25,
     gamma: float = 2.0,
+    iou_logits: torch.Tensor | None = None,
 ) -> SamLoss:
     """SAM's loss for one round of predictions.
 
@@ -106,6 +107,9 @@ def sam_loss(
             loss of each prompt (the ambiguity rule).
         iou_pred: (B, M) predicted IoU; regressed (MSE) to the actual IoU of every mask.
         targets: (B, 1, H, W) or (B, H, W) ground truth in [0, 1].
+        iou_logits: (B, M, H, W) logits whose masks the IoU head learns to score, when
+            the user sees other masks than the raw ones (e.g. after
+            ``keep_clicked_parts``); default ``mask_logits``. Not differentiated.
 
     Returns:
         :class:`SamLoss` with ``total = mean(min mask loss) + iou_weight * mean(IoU MSE)``.
@@ -120,6 +124,6 @@ def sam_loss(
     per_mask = per_mask + dice_weight * dice_loss(mask_logits, targets)  # B x M
     selected = per_mask.detach().argmin(dim=1)  # B
     mask = per_mask.gather(1, selected[:, None]).mean()
-    actual = mask_iou(mask_logits, targets)
+    actual = mask_iou(mask_logits if iou_logits is None else iou_logits.detach(), targets)
     iou = F.mse_loss(iou_pred, actual.to(iou_pred.dtype))
     return SamLoss(mask + iou_weight * iou, mask.detach(), iou.detach(), selected, actual)
