@@ -178,10 +178,12 @@ def evaluate_held_out(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    clicked_parts_only: bool = True,
 ) -> dict:
     """Held-out mean IoUs of ``model`` through the plugin's predictor (empty dict if no data).
 
-    See :func:`napari_sam.train.quality.interactive_miou` for the protocol.
+    See :func:`napari_sam.train.quality.interactive_miou` for the protocol; clicks keep
+    only the mask parts they touch, as in the annotator (``clicked_parts_only``).
     Raises :class:`FinetuneCancelled` when ``should_stop()`` becomes True.
     """
     if not images:
@@ -207,6 +209,7 @@ def evaluate_held_out(
         min_area=min_area,
         seed=seed,
         progress=report,
+        clicked_parts_only=clicked_parts_only,
     )
 
 
